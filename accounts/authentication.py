@@ -1,0 +1,120 @@
+"""DRF authentication classes: tenant API keys, Supabase access tokens and staff sessions.
+
+Each returns `(user, Caller)` on success, `None` when the request carries another kind of
+credential (so the next class can try), and raises AuthenticationFailed for a credential of its
+kind that is bad, as DRF's own TokenAuthentication does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AnonymousUser
+from rest_framework import authentication, exceptions
+from rest_framework.request import Request
+
+from accounts import services
+from accounts.jwt import verify_supabase_token
+from accounts.services import Caller
+
+# Bigger than any Supabase access token or API key; refusing early keeps decoding cheap.
+MAX_CREDENTIAL_LENGTH = 8192
+
+
+def bearer_credential(request: Request) -> str | None:
+    """The bearer credential, None for other schemes, AuthenticationFailed when malformed."""
+    header = authentication.get_authorization_header(request)
+    if not header:
+        return None
+    scheme, _, rest = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    credential = rest.strip()
+    if not credential:
+        raise exceptions.AuthenticationFailed(
+            "The Authorization header has no bearer credential.", code="malformed_credentials"
+        )
+    if len(credential) > MAX_CREDENTIAL_LENGTH:
+        raise exceptions.AuthenticationFailed(
+            "The bearer credential is too long.", code="malformed_credentials"
+        )
+    if b" " in credential:
+        raise exceptions.AuthenticationFailed(
+            "The bearer credential must not contain spaces.", code="malformed_credentials"
+        )
+    try:
+        return credential.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise exceptions.AuthenticationFailed(
+            "The bearer credential is not ASCII.", code="malformed_credentials"
+        ) from exc
+
+
+class ApiKeyUser(AnonymousUser):
+    """Stands in for `request.user` when a tenant's API key calls: authenticated, but not a
+    person, not staff and without permissions of its own."""
+
+    def __init__(self, api_key: Any) -> None:
+        self.api_key = api_key
+
+    @property
+    def is_anonymous(self) -> bool:  # type: ignore[override]
+        return False
+
+    @property
+    def is_authenticated(self) -> bool:  # type: ignore[override]
+        return True
+
+    def __str__(self) -> str:
+        return f"api-key:{self.api_key.prefix}"
+
+
+class BearerAuthentication(authentication.BaseAuthentication):
+    def authenticate_header(self, request: Request) -> str:
+        # Makes DRF answer 401 with a challenge rather than 403.
+        return 'Bearer realm="api"'
+
+
+class ApiKeyAuthentication(BearerAuthentication):
+    def authenticate(self, request: Request) -> tuple[Any, Caller] | None:
+        raw = bearer_credential(request)
+        if raw is None or not services.looks_like_api_key(raw):
+            return None
+        api_key = services.find_api_key(raw_key=raw)
+        if api_key is None:
+            raise exceptions.AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+        if api_key.is_revoked:
+            raise exceptions.AuthenticationFailed(
+                "This API key has been revoked.", code="revoked_api_key"
+            )
+        if api_key.is_expired():
+            raise exceptions.AuthenticationFailed(
+                "This API key has expired.", code="expired_api_key"
+            )
+        services.touch_api_key(api_key=api_key)
+        return ApiKeyUser(api_key), Caller(user=None, api_key=api_key, tenant=api_key.tenant)
+
+
+class SupabaseJWTAuthentication(BearerAuthentication):
+    def authenticate(self, request: Request) -> tuple[Any, Caller] | None:
+        raw = bearer_credential(request)
+        if raw is None or services.looks_like_api_key(raw):
+            return None
+        claims = verify_supabase_token(raw)
+        user = services.provision_supabase_user(subject=claims.subject, email=claims.email)
+        if not user.is_active:
+            raise exceptions.AuthenticationFailed("This user is disabled.", code="user_inactive")
+        return user, Caller(user=user)
+
+
+class TenantSessionAuthentication(authentication.SessionAuthentication):
+    """Staff in the browsable API, logged in through the admin; CSRF enforced as DRF does."""
+
+    def authenticate(self, request: Request) -> tuple[Any, Caller] | None:
+        result = super().authenticate(request)
+        if result is None:
+            return None
+        user, _ = result
+        if not user.is_staff:
+            return None
+        return user, Caller(user=user)

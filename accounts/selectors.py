@@ -1,0 +1,110 @@
+"""Reads: effective limits, tenant lookup and usage summaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from accounts.models import Membership, QuotaPeriod, Tenant, UsageLog
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int
+    tokens_per_minute: int
+    monthly_token_quota: int
+    max_texts_per_request: int
+
+
+def effective_limits(tenant: Tenant) -> Limits:
+    """Tenant override, else the plan's value, else the service-wide setting."""
+    plan = tenant.plan
+
+    def pick(field: str, fallback: int) -> int:
+        for source in (tenant, plan):
+            value = getattr(source, field, None) if source is not None else None
+            if value is not None:
+                return int(value)
+        return fallback
+
+    return Limits(
+        requests_per_minute=pick("requests_per_minute", settings.RATE_LIMIT_PER_MIN),
+        tokens_per_minute=pick("tokens_per_minute", settings.TOKENS_PER_MIN),
+        monthly_token_quota=pick("monthly_token_quota", settings.MONTHLY_TOKEN_QUOTA),
+        max_texts_per_request=pick("max_texts_per_request", settings.MAX_TEXTS_PER_REQUEST),
+    )
+
+
+def current_period_start(now: datetime | None = None) -> date:
+    """Quotas run by calendar month in UTC."""
+    now = now or timezone.now()
+    return now.astimezone(UTC).date().replace(day=1)
+
+
+def next_period_start(now: datetime | None = None) -> date:
+    start = current_period_start(now)
+    return (start + timedelta(days=32)).replace(day=1)
+
+
+def membership_for(*, user: AbstractBaseUser, tenant_ref: str | None) -> Membership | None:
+    """The membership a user's request acts through: the one `X-Tenant` names (by id), or the
+    user's default one."""
+    memberships = Membership.objects.select_related("tenant", "tenant__plan").filter(user=user)
+    if tenant_ref:
+        if not tenant_ref.isdigit():
+            return None
+        return memberships.filter(tenant_id=int(tenant_ref)).first()
+    return memberships.order_by("-is_default", "created_at").first()
+
+
+def tenant_usage_summary(*, tenant: Tenant, days: int = 30) -> dict[str, Any]:
+    """What /usage shows a tenant about itself: limits, this period and the last `days` days."""
+    limits = effective_limits(tenant)
+    period_start = current_period_start()
+    period = QuotaPeriod.objects.filter(tenant=tenant, period_start=period_start).first()
+    spent = period.tokens if period else 0
+    served = period.requests if period else 0
+    today = timezone.now().astimezone(UTC).date()
+    since = today - timedelta(days=days - 1)
+    since_dt = datetime.combine(since, datetime.min.time(), tzinfo=UTC)
+    rows = (
+        UsageLog.objects.filter(tenant=tenant, created_at__gte=since_dt)
+        .annotate(day=TruncDate("created_at", tzinfo=UTC))
+        .values("day")
+        .annotate(requests=Count("id"), tokens=Sum("tokens"))
+        .order_by("day")
+    )
+    by_day = {row["day"]: row for row in rows}
+    daily = [
+        {
+            "date": day.isoformat(),
+            "requests": by_day.get(day, {}).get("requests", 0),
+            "tokens": by_day.get(day, {}).get("tokens", 0) or 0,
+        }
+        for day in (since + timedelta(days=offset) for offset in range(days))
+    ]
+    return {
+        "tenant": {"id": tenant.pk, "name": tenant.name, "is_active": tenant.is_active},
+        "plan": {
+            "name": tenant.plan.name,
+            "requests_per_minute": limits.requests_per_minute,
+            "tokens_per_minute": limits.tokens_per_minute,
+            "monthly_token_quota": limits.monthly_token_quota,
+            "max_texts_per_request": limits.max_texts_per_request,
+        },
+        "period": {
+            "start": period_start.isoformat(),
+            "end": next_period_start().isoformat(),
+            "requests": served,
+            "tokens": spent,
+            "remaining_tokens": max(0, limits.monthly_token_quota - spent),
+        },
+        "daily": daily,
+    }

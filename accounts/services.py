@@ -1,0 +1,267 @@
+"""Business operations on tenants, users, keys, quotas and the usage log."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from accounts.models import (
+    ApiKey,
+    Membership,
+    Plan,
+    QuotaPeriod,
+    SupabaseIdentity,
+    Tenant,
+    UsageLog,
+)
+from accounts.selectors import current_period_start, effective_limits
+from embedplatform.errors import QuotaExceeded
+
+User = get_user_model()
+
+
+@dataclass
+class Caller:
+    """Who is calling and for which tenant; DRF keeps it in `request.auth`."""
+
+    user: AbstractBaseUser | None
+    api_key: ApiKey | None = None
+    tenant: Tenant | None = None
+
+    @property
+    def user_id(self) -> int | None:
+        return self.user.pk if self.user is not None and self.user.is_authenticated else None
+
+
+# --- Plans and tenants -------------------------------------------------------------------------
+
+
+def get_default_plan() -> Plan:
+    plan = Plan.objects.filter(is_default=True).first()
+    if plan is not None:
+        return plan
+    try:
+        with transaction.atomic():
+            return Plan.objects.create(name="default", is_default=True)
+    except IntegrityError:
+        return Plan.objects.get(is_default=True)
+
+
+def create_tenant(
+    *, name: str, owner: AbstractBaseUser | None = None, plan: Plan | None = None
+) -> Tenant:
+    with transaction.atomic():
+        tenant = Tenant.objects.create(name=name, plan=plan or get_default_plan())
+        if owner is not None:
+            add_member(tenant=tenant, user=owner, role=Membership.Role.OWNER)
+    return tenant
+
+
+def add_member(
+    *, tenant: Tenant, user: AbstractBaseUser, role: str = Membership.Role.MEMBER
+) -> Membership:
+    """Adds `user` to `tenant`; the first tenant a user joins becomes their default."""
+    with transaction.atomic():
+        membership, _ = Membership.objects.get_or_create(
+            user=user, tenant=tenant, defaults={"role": role}
+        )
+        if not Membership.objects.filter(user=user, is_default=True).exists():
+            Membership.objects.filter(pk=membership.pk).update(is_default=True)
+            membership.is_default = True
+    return membership
+
+
+def ensure_personal_tenant(*, user: AbstractBaseUser) -> Tenant:
+    """The user's own tenant, created on first need. Safe under concurrent first requests: the
+    unique `personal_owner` makes one insert win, and the losers read the winner's row."""
+    tenant = Tenant.objects.filter(personal_owner=user).first()
+    if tenant is None:
+        label = getattr(user, "email", "") or user.get_username()
+        try:
+            with transaction.atomic():
+                tenant = Tenant.objects.create(
+                    name=f"{label} (personal)"[:200], plan=get_default_plan(), personal_owner=user
+                )
+        except IntegrityError:
+            tenant = Tenant.objects.get(personal_owner=user)
+    try:
+        with transaction.atomic():
+            add_member(tenant=tenant, user=user, role=Membership.Role.OWNER)
+    except IntegrityError:
+        pass  # a concurrent request added the membership first
+    return tenant
+
+
+def provision_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
+    """The local user for a Supabase `sub`, created just in time with a personal tenant, and with
+    the e-mail kept in step with the token."""
+    identity = SupabaseIdentity.objects.select_related("user").filter(subject=subject).first()
+    if identity is None:
+        try:
+            with transaction.atomic():
+                user = User.objects.create(username=f"supabase:{subject}"[:150], email=email)
+                user.set_unusable_password()
+                user.save(update_fields=["password"])
+                identity = SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
+        except IntegrityError:
+            identity = SupabaseIdentity.objects.select_related("user").get(subject=subject)
+    user = identity.user
+    if email and identity.email != email:
+        SupabaseIdentity.objects.filter(pk=identity.pk).update(email=email)
+        User.objects.filter(pk=user.pk).update(email=email)
+        user.email = email
+    if not Membership.objects.filter(user=user).exists():
+        ensure_personal_tenant(user=user)
+    return user
+
+
+# --- API keys ----------------------------------------------------------------------------------
+
+
+def hash_api_key(raw_key: str) -> str:
+    # Keys carry 256 bits of randomness, so a fast hash is enough; a slow one would only cost
+    # latency on every request.
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def create_api_key(
+    *,
+    tenant: Tenant,
+    name: str,
+    created_by: AbstractBaseUser | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Returns the key row and the full secret, which is never stored and never shown again."""
+    prefix = f"{settings.API_KEY_PREFIX}_{secrets.token_hex(6)}"
+    raw_key = f"{prefix}_{secrets.token_urlsafe(32)}"
+    api_key = ApiKey.objects.create(
+        tenant=tenant,
+        name=name,
+        prefix=prefix,
+        hashed_key=hash_api_key(raw_key),
+        created_by=created_by if created_by is not None and created_by.pk else None,
+        expires_at=expires_at,
+    )
+    return api_key, raw_key
+
+
+def looks_like_api_key(raw: str) -> bool:
+    return raw.startswith(f"{settings.API_KEY_PREFIX}_") and raw.count("_") >= 2
+
+
+def find_api_key(*, raw_key: str) -> ApiKey | None:
+    """The key row for a presented secret, or None; compares hashes in constant time."""
+    prefix = "_".join(raw_key.split("_", 2)[:2])
+    api_key = ApiKey.objects.select_related("tenant", "tenant__plan").filter(prefix=prefix).first()
+    if api_key is None or not hmac.compare_digest(api_key.hashed_key, hash_api_key(raw_key)):
+        return None
+    return api_key
+
+
+def touch_api_key(*, api_key: ApiKey) -> None:
+    """Keeps `last_used_at` at minute precision, so a busy key costs one write a minute."""
+    now = timezone.now()
+    if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() >= 60:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+
+
+def revoke_api_key(*, api_key: ApiKey) -> ApiKey:
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+    return api_key
+
+
+# --- Quota and usage ---------------------------------------------------------------------------
+
+
+def _quota_row(*, tenant: Tenant, period_start: date) -> QuotaPeriod:
+    row, _ = QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
+    return row
+
+
+def check_quota(*, tenant: Tenant, tokens: int) -> None:
+    """Refuses, before the model runs, a request that cannot fit in this month's quota. The
+    authoritative check happens again when charging, atomically."""
+    quota = effective_limits(tenant).monthly_token_quota
+    spent = (
+        QuotaPeriod.objects.filter(tenant=tenant, period_start=current_period_start())
+        .values_list("tokens", flat=True)
+        .first()
+        or 0
+    )
+    if spent + tokens > quota:
+        raise _quota_exceeded(quota=quota, spent=spent, tokens=tokens)
+
+
+def _quota_exceeded(*, quota: int, spent: int, tokens: int) -> QuotaExceeded:
+    remaining = max(0, quota - spent)
+    return QuotaExceeded(
+        f"This request needs {tokens} tokens but only {remaining} of the tenant's monthly quota "
+        f"of {quota} remain.",
+        code="insufficient_quota",
+    )
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    caller: Caller
+    endpoint: str
+    model: str
+    inputs: int
+    tokens: int
+    status_code: int
+    latency_ms: float
+    request_id: str
+    error_type: str = ""
+
+
+def _log(record: UsageRecord, *, tokens: int) -> UsageLog:
+    return UsageLog.objects.create(
+        tenant=record.caller.tenant,
+        user_id=record.caller.user_id,
+        api_key=record.caller.api_key,
+        endpoint=record.endpoint,
+        model=record.model,
+        inputs=record.inputs,
+        tokens=tokens,
+        status_code=record.status_code,
+        error_type=record.error_type,
+        latency_ms=record.latency_ms,
+        request_id=record.request_id,
+    )
+
+
+def charge_and_log(*, record: UsageRecord) -> UsageLog:
+    """Charges a served request's tokens to its tenant's monthly quota and writes its usage row,
+    in one transaction: the quota total always equals the sum of the log. Raises QuotaExceeded
+    (and charges nothing) when concurrent requests used up the quota first."""
+    tenant = record.caller.tenant
+    assert tenant is not None, "a served request always has a tenant"
+    quota = effective_limits(tenant).monthly_token_quota
+    row = _quota_row(tenant=tenant, period_start=current_period_start())
+    with transaction.atomic():
+        # The condition and the increment are one statement, so no interleaving can overspend.
+        charged = QuotaPeriod.objects.filter(pk=row.pk, tokens__lte=quota - record.tokens).update(
+            tokens=F("tokens") + record.tokens, requests=F("requests") + 1
+        )
+        if not charged:
+            spent = QuotaPeriod.objects.values_list("tokens", flat=True).get(pk=row.pk)
+            raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
+        return _log(record, tokens=record.tokens)
+
+
+def log_refusal(*, record: UsageRecord) -> UsageLog:
+    """A refused request is logged, and charged nothing."""
+    return _log(record, tokens=0)

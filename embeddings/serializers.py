@@ -1,0 +1,190 @@
+"""Input and output shapes of the embed APIs.
+
+Fields are strict: a number is not a string and a string is not a number, so that a client's bug
+shows up as a 422 naming the field instead of an embedding of "123".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+ENCODING_FORMATS = ("float", "base64")
+
+
+def check_text(value: str) -> str:
+    if not value.strip():
+        raise serializers.ValidationError(
+            "Text must not be empty or whitespace only.", code="empty_text"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON can smuggle in lone surrogates ("\ud800"), which are not text and no tokenizer takes.
+        raise serializers.ValidationError(
+            "Text contains a lone surrogate (invalid Unicode).", code="invalid_text"
+        ) from exc
+    return value
+
+
+class StrictCharField(serializers.CharField):
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class TextField(StrictCharField):
+    """A text to embed: a non-empty string of valid Unicode, kept exactly as sent."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trim_whitespace", False)
+        # Blank text reaches check_text, which gives the clearer message.
+        kwargs.setdefault("allow_blank", True)
+        super().__init__(**kwargs)
+
+    def run_validation(self, data: Any = serializers.empty) -> Any:
+        value = super().run_validation(data)
+        return check_text(value) if isinstance(value, str) else value
+
+
+class StrictIntegerField(serializers.IntegerField):
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+class EmbedOptionsSerializer(serializers.Serializer):
+    prompt_name = StrictCharField(
+        required=False,
+        allow_null=True,
+        max_length=64,
+        help_text="A task prompt of the model (EmbeddingGemma: query, document, Clustering, STS, "
+        "...). See GET /health for the model's prompt names.",
+    )
+    dimensions = StrictIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Matryoshka truncation: keep the first N dimensions (1 to the model's own, e.g. "
+        "768, 512, 256 or 128 for EmbeddingGemma), re-normalised to unit length.",
+    )
+    normalize = StrictBooleanField(
+        required=False, default=True, help_text="Scale each embedding to unit length."
+    )
+
+
+class EmbedInputSerializer(EmbedOptionsSerializer):
+    text = TextField(help_text="The text to embed.")
+
+
+class BatchEmbedInputSerializer(EmbedOptionsSerializer):
+    texts = serializers.ListField(
+        child=TextField(),
+        allow_empty=False,
+        help_text="The texts to embed (at most MAX_TEXTS_PER_REQUEST, default 256; more is a 413).",
+    )
+
+
+class UsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class EmbedOutputSerializer(serializers.Serializer):
+    embedding = serializers.ListField(child=serializers.FloatField())
+    model = serializers.CharField()
+    dimensions = serializers.IntegerField()
+    usage = UsageSerializer()
+
+
+class BatchEmbedOutputSerializer(serializers.Serializer):
+    embeddings = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
+    model = serializers.CharField()
+    dimensions = serializers.IntegerField()
+    usage = UsageSerializer()
+
+
+class OpenAIInputField(serializers.Field):
+    """OpenAI's `input`: a string, an array of strings, an array of token ids, or an array of
+    token-id arrays. Internally a list whose items are strings or lists of token ids."""
+
+    default_error_messages = {
+        "invalid": "Input must be a string, an array of strings, an array of token ids or an "
+        "array of token-id arrays.",
+        "empty": "Input must not be empty.",
+        "mixed": "Input arrays must hold only strings or only token ids.",
+    }
+
+    def to_internal_value(self, data: Any) -> list[str | list[int]]:
+        if isinstance(data, str):
+            return [check_text(data)]
+        if not isinstance(data, list):
+            self.fail("invalid")
+        if not data:
+            self.fail("empty")
+        if all(_is_token_id(item) for item in data):
+            return [list(data)]
+        items: list[str | list[int]] = []
+        for item in data:
+            if isinstance(item, str):
+                items.append(check_text(item))
+            elif isinstance(item, list) and all(_is_token_id(i) for i in item):
+                if not item:
+                    self.fail("empty")
+                items.append(list(item))
+            else:
+                self.fail("invalid")
+        if len({type(item) for item in items}) > 1:
+            self.fail("mixed")
+        return items
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class OpenAIEmbeddingInputSerializer(serializers.Serializer):
+    input = OpenAIInputField(help_text="A string, an array of strings, or token-id array(s).")
+    model = StrictCharField(
+        required=False, allow_null=True, max_length=255, help_text="The served model's name."
+    )
+    encoding_format = serializers.ChoiceField(
+        choices=ENCODING_FORMATS,
+        required=False,
+        default="float",
+        help_text="float, or base64 of little-endian float32 (what the openai client asks for).",
+    )
+    dimensions = StrictIntegerField(required=False, allow_null=True, min_value=1)
+    user = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=256)
+    prompt_name = StrictCharField(required=False, allow_null=True, max_length=64)
+
+
+class OpenAIEmbeddingSerializer(serializers.Serializer):
+    object = serializers.CharField(default="embedding")
+    index = serializers.IntegerField()
+    embedding = serializers.JSONField(help_text="Floats, or a base64 string of float32.")
+
+
+class OpenAIUsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class OpenAIEmbeddingOutputSerializer(serializers.Serializer):
+    object = serializers.CharField(default="list")
+    data = OpenAIEmbeddingSerializer(many=True)
+    model = serializers.CharField()
+    usage = OpenAIUsageSerializer()

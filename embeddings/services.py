@@ -1,0 +1,194 @@
+"""Serving one embedding request: limits, quota, model, charge, in that order.
+
+Everything that can refuse a request (prompt, dimensions, size, rate limits, quota) runs before
+the model; the charge and the usage row are written in one transaction before the response
+leaves, so a served request is charged exactly once and a refused one not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+from rest_framework.request import Request
+
+from accounts import services as accounts
+from accounts.ratelimit import RateLimitState, enforce_rate_limits
+from accounts.selectors import effective_limits
+from embeddings.runtime import Runtime, get_runtime
+from embedplatform import metrics
+from embedplatform.errors import (
+    InvalidField,
+    PayloadTooLarge,
+    QuotaExceeded,
+    ServiceUnavailable,
+)
+
+
+@dataclass
+class MeteredCall:
+    """One embed request as the usage log will see it."""
+
+    request: Request
+    caller: accounts.Caller | None
+    endpoint: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    inputs: int = 0
+    tokens: int = 0
+    recorded: bool = False
+    rate_limit: RateLimitState | None = None
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+    def usage_record(self, *, status_code: int, error_type: str = "") -> accounts.UsageRecord:
+        assert self.caller is not None
+        return accounts.UsageRecord(
+            caller=self.caller,
+            endpoint=self.endpoint,
+            model=self.model,
+            inputs=self.inputs,
+            tokens=self.tokens,
+            status_code=status_code,
+            latency_ms=self.elapsed_ms(),
+            request_id=self.request_id,
+            error_type=error_type,
+        )
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: np.ndarray
+    model: str
+    dimensions: int
+    prompt_tokens: int
+
+
+def require_runtime() -> Runtime:
+    runtime = get_runtime()
+    if runtime is None:
+        raise ServiceUnavailable("The model is not loaded yet.", code="model_not_ready")
+    return runtime
+
+
+def resolve_prompt(runtime: Runtime, prompt_name: str | None) -> str:
+    prompts = runtime.encoder.prompts
+    if prompt_name is None:
+        default = getattr(getattr(runtime.encoder, "model", None), "default_prompt_name", None)
+        return prompts.get(default, "") if default else ""
+    if prompt_name not in prompts:
+        names = ", ".join(sorted(prompts)) or "none"
+        raise InvalidField(
+            f"Unknown prompt_name {prompt_name!r}; this model's prompts are: {names}.",
+            code="invalid_prompt_name",
+            param="prompt_name",
+        )
+    return prompts[prompt_name]
+
+
+def resolve_dimensions(runtime: Runtime, dimensions: int | None) -> int:
+    native = runtime.encoder.dimensions
+    if dimensions is None:
+        return native
+    if not 1 <= dimensions <= native:
+        raise InvalidField(
+            f"dimensions must be between 1 and {native} for this model, not {dimensions}.",
+            code="invalid_dimensions",
+            param="dimensions",
+        )
+    return dimensions
+
+
+def shape_vectors(vectors: np.ndarray, *, dimensions: int, normalize: bool) -> np.ndarray:
+    """Matryoshka truncation, then unit length (a truncated unit vector is no longer one)."""
+    vectors = np.ascontiguousarray(vectors[:, :dimensions], dtype=np.float32)
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return vectors
+
+
+def embed(
+    *,
+    call: MeteredCall,
+    texts: list[str],
+    prompt_name: str | None = None,
+    dimensions: int | None = None,
+    normalize: bool = True,
+    param: str = "texts",
+) -> EmbeddingResult:
+    runtime = require_runtime()
+    call.model = runtime.encoder.name
+    call.inputs = len(texts)
+    assert call.caller is not None
+    tenant = call.caller.tenant
+    assert tenant is not None
+    limits = effective_limits(tenant)
+    if len(texts) > limits.max_texts_per_request:
+        raise PayloadTooLarge(
+            f"A request may carry at most {limits.max_texts_per_request} texts; this one has "
+            f"{len(texts)}.",
+            code="too_many_inputs",
+            param=param,
+        )
+    prompt = resolve_prompt(runtime, prompt_name)
+    size = resolve_dimensions(runtime, dimensions)
+    token_counts = runtime.encoder.count_tokens(texts, prompt)
+    tokens = sum(token_counts)
+    call.rate_limit = enforce_rate_limits(
+        request=call.request, tenant=tenant, limits=limits, tokens=tokens
+    )
+    try:
+        accounts.check_quota(tenant=tenant, tokens=tokens)
+    except QuotaExceeded:
+        metrics.QUOTA_EXCEEDED.inc()
+        raise
+    try:
+        vectors = runtime.embed(texts, prompt=prompt, token_counts=token_counts)
+    except FutureTimeout as exc:
+        raise ServiceUnavailable(
+            "The model is overloaded; try again shortly.", code="model_overloaded"
+        ) from exc
+    shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
+    call.tokens = tokens
+    try:
+        accounts.charge_and_log(record=call.usage_record(status_code=200))
+    except QuotaExceeded:
+        call.tokens = 0
+        metrics.QUOTA_EXCEEDED.inc()
+        raise
+    call.recorded = True
+    metrics.TOKENS.labels(endpoint=call.endpoint).inc(tokens)
+    metrics.INPUTS.labels(endpoint=call.endpoint).inc(len(texts))
+    return EmbeddingResult(
+        vectors=shaped, model=runtime.encoder.name, dimensions=size, prompt_tokens=tokens
+    )
+
+
+def decode_token_inputs(items: list[str | list[int]]) -> list[str]:
+    """OpenAI clients may send token ids; they are read with the served model's tokenizer."""
+    if not items or isinstance(items[0], str):
+        return [str(item) for item in items]
+    runtime = require_runtime()
+    vocab = runtime.encoder.vocab_size
+    texts = []
+    for position, ids in enumerate(items):
+        assert isinstance(ids, list)
+        if any(token_id >= vocab for token_id in ids):
+            raise InvalidField(
+                f"input[{position}] holds a token id outside this model's vocabulary "
+                f"(0-{vocab - 1}).",
+                code="invalid_token_id",
+                param="input",
+            )
+        text = runtime.encoder.decode_token_ids(ids)
+        if not text.strip():
+            raise InvalidField(
+                f"input[{position}] decodes to empty text.", code="empty_text", param="input"
+            )
+        texts.append(text)
+    return texts

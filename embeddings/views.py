@@ -1,0 +1,245 @@
+"""The embed APIs: /embed and /batch-embed (the original API), /v1/embeddings (OpenAI's), and
+/health. Views only translate HTTP; `services.embed` does the work."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.db import connection
+from django_redis import get_redis_connection
+from rest_framework import exceptions, serializers
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts import services as accounts
+from accounts.permissions import HasActiveTenant
+from embeddings import serializers as io
+from embeddings.runtime import accepted_model_names, get_runtime, served_model_name
+from embeddings.services import MeteredCall, decode_token_inputs, embed
+from embedplatform import metrics
+from embedplatform.errors import ModelNotFound, error_body
+
+logger = logging.getLogger(__name__)
+
+
+def validated(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
+    data = request.data
+    if not isinstance(data, dict):
+        raise exceptions.ParseError("The request body must be a JSON object.", code="invalid_body")
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return dict(serializer.validated_data)
+
+
+class MeteredEmbedView(APIView):
+    """Base of the embed views: every request that passed authentication leaves one usage row
+    (served: charged; refused: zero tokens, with its error type), and every response is counted
+    in the metrics and carries the tenant's rate-limit headers."""
+
+    endpoint = ""
+    permission_classes = [IsAuthenticated, HasActiveTenant]
+    call: MeteredCall
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        self.call = MeteredCall(
+            request=request,
+            caller=None,
+            endpoint=self.endpoint,
+            request_id=getattr(request._request, "request_id", ""),
+        )
+        super().initial(request, *args, **kwargs)
+
+    def finalize_response(
+        self, request: Request, response: Response, *args: Any, **kwargs: Any
+    ) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        call = getattr(self, "call", None)
+        if call is None:
+            return response
+        error_type = ""
+        if response.status_code >= 400:
+            data = response.data if isinstance(response.data, dict) else {}
+            error_type = str(data.get("error", {}).get("type", "error"))
+        caller = request.auth if isinstance(request.auth, accounts.Caller) else None
+        if caller is not None and not call.recorded:
+            call.caller = caller
+            call.tokens = 0
+            accounts.log_refusal(
+                record=call.usage_record(status_code=response.status_code, error_type=error_type)
+            )
+            call.recorded = True
+        if call.rate_limit is not None:
+            for name, value in call.rate_limit.headers().items():
+                response.headers.setdefault(name, value)
+        status = str(response.status_code)
+        metrics.REQUESTS.labels(endpoint=self.endpoint, status=status).inc()
+        metrics.REQUEST_DURATION.labels(endpoint=self.endpoint).observe(call.elapsed_ms() / 1000)
+        if response.status_code >= 400:
+            metrics.ERRORS.labels(endpoint=self.endpoint, type=error_type).inc()
+        return response
+
+    def caller(self) -> accounts.Caller:
+        assert isinstance(self.request.auth, accounts.Caller)
+        self.call.caller = self.request.auth
+        return self.request.auth
+
+
+class EmbedView(MeteredEmbedView):
+    """Embed one text."""
+
+    endpoint = "embed"
+
+    def post(self, request: Request) -> Response:
+        self.caller()
+        data = validated(io.EmbedInputSerializer, request)
+        result = embed(
+            call=self.call,
+            texts=[data["text"]],
+            prompt_name=data.get("prompt_name"),
+            dimensions=data.get("dimensions"),
+            normalize=data["normalize"],
+            param="text",
+        )
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return Response(
+            {
+                "embedding": result.vectors[0].tolist(),
+                "model": result.model,
+                "dimensions": result.dimensions,
+                "usage": usage,
+            }
+        )
+
+
+class BatchEmbedView(MeteredEmbedView):
+    """Embed many texts in one request; the order of the answer is the order of the texts."""
+
+    endpoint = "batch_embed"
+
+    def post(self, request: Request) -> Response:
+        self.caller()
+        data = validated(io.BatchEmbedInputSerializer, request)
+        result = embed(
+            call=self.call,
+            texts=data["texts"],
+            prompt_name=data.get("prompt_name"),
+            dimensions=data.get("dimensions"),
+            normalize=data["normalize"],
+        )
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return Response(
+            {
+                "embeddings": result.vectors.tolist(),
+                "model": result.model,
+                "dimensions": result.dimensions,
+                "usage": usage,
+            }
+        )
+
+
+def encode_base64(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+class OpenAIEmbeddingsView(MeteredEmbedView):
+    """OpenAI-compatible embeddings: the official `openai` client works unchanged with
+    `base_url=http://host:port/v1`."""
+
+    endpoint = "openai_embeddings"
+
+    def post(self, request: Request) -> Response:
+        self.caller()
+        data = validated(io.OpenAIEmbeddingInputSerializer, request)
+        requested_model = data.get("model")
+        if requested_model and requested_model not in accepted_model_names():
+            raise ModelNotFound(
+                f"The model {requested_model!r} does not exist here; this service serves "
+                f"{served_model_name()!r}.",
+                code="model_not_found",
+                param="model",
+            )
+        texts = decode_token_inputs(data["input"])
+        result = embed(
+            call=self.call,
+            texts=texts,
+            prompt_name=data.get("prompt_name"),
+            dimensions=data.get("dimensions"),
+            normalize=True,
+            param="input",
+        )
+        as_base64 = data["encoding_format"] == "base64"
+        items = [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": encode_base64(vector) if as_base64 else vector.tolist(),
+            }
+            for index, vector in enumerate(result.vectors)
+        ]
+        return Response(
+            {
+                "object": "list",
+                "data": items,
+                "model": result.model,
+                "usage": {
+                    "prompt_tokens": result.prompt_tokens,
+                    "total_tokens": result.prompt_tokens,
+                },
+            }
+        )
+
+
+class HealthView(APIView):
+    """Ready when the model is loaded and the database (and Redis, where configured) answer."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    renderer_classes = [JSONRenderer]
+
+    def get(self, request: Request) -> Response:
+        checks: dict[str, str] = {}
+        runtime = get_runtime()
+        checks["model"] = "ok" if runtime is not None else "not loaded"
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            checks["database"] = "ok"
+        except Exception as exc:  # any driver error means "not ready", never a 500
+            checks["database"] = f"error: {type(exc).__name__}"
+        if settings.REDIS_URL:
+            try:
+                get_redis_connection("default").ping()
+                checks["redis"] = "ok"
+            except Exception as exc:
+                checks["redis"] = f"error: {type(exc).__name__}"
+        else:
+            checks["cache"] = "local"
+        body: dict[str, Any] = {"status": "ok", "checks": checks}
+        if runtime is not None:
+            encoder = runtime.encoder
+            body.update(
+                model=encoder.name,
+                dimensions=encoder.dimensions,
+                dtype=encoder.dtype,
+                max_seq_length=encoder.max_seq_length,
+                prompts=sorted(encoder.prompts),
+            )
+        failing = [name for name, state in checks.items() if state not in ("ok", "local")]
+        if failing:
+            body["status"] = "unavailable"
+            body.update(
+                error_body(
+                    f"Not ready: {', '.join(failing)}.",
+                    error_type="service_unavailable",
+                    code="not_ready",
+                )
+            )
+            return Response(body, status=503)
+        return Response(body)

@@ -1,0 +1,209 @@
+"""One error shape for every failure the API can return.
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+
+It is the shape OpenAI uses, so the `openai` client turns our errors into its own exceptions with
+our message. Status codes: 400 malformed body, 401 missing or bad credential, 403 not allowed,
+404 unknown path or model, 405 wrong method, 413 too large, 415 not JSON, 422 invalid field,
+429 rate limit or quota, 503 not ready, 500 a bug of ours (logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+# Error types, following OpenAI's names where it has one.
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"
+PERMISSION = "permission_error"
+NOT_FOUND = "not_found_error"
+RATE_LIMIT = "rate_limit_exceeded"
+INSUFFICIENT_QUOTA = "insufficient_quota"
+SERVICE_UNAVAILABLE = "service_unavailable"
+SERVER_ERROR = "server_error"
+
+
+class ApiError(exceptions.APIException):
+    """An error with its type, code and offending parameter spelled out."""
+
+    error_type = INVALID_REQUEST
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail=message, code=code)
+        if status_code is not None:
+            self.status_code = status_code
+        self.code = code
+        self.param = param
+        if error_type is not None:
+            self.error_type = error_type
+        self.headers = headers or {}
+
+
+class InvalidField(ApiError):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+
+
+class PayloadTooLarge(ApiError):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+
+
+class ModelNotFound(ApiError):
+    status_code = status.HTTP_404_NOT_FOUND
+    error_type = NOT_FOUND
+
+
+class ServiceUnavailable(ApiError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    error_type = SERVICE_UNAVAILABLE
+
+
+class RateLimitExceeded(ApiError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    error_type = RATE_LIMIT
+
+
+class QuotaExceeded(ApiError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    error_type = INSUFFICIENT_QUOTA
+
+
+def error_body(
+    message: str, *, error_type: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _first_validation_error(detail: Any, path: str = "") -> tuple[str | None, str, str | None]:
+    """Serializer errors nest; callers want the first one as (param, message, code)."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = path if key == "non_field_errors" else (f"{path}.{key}" if path else str(key))
+            return _first_validation_error(value, name)
+    if isinstance(detail, list) and detail:
+        for index, value in enumerate(detail):
+            if isinstance(value, list | dict):
+                nested = f"{path}[{index}]" if path else f"[{index}]"
+                return _first_validation_error(value, nested)
+        return _first_validation_error(detail[0], path)
+    if isinstance(detail, exceptions.ErrorDetail):
+        return path or None, str(detail), detail.code
+    return path or None, str(detail), None
+
+
+_DEFAULTS: dict[type[exceptions.APIException], tuple[str, str]] = {
+    exceptions.NotAuthenticated: (AUTHENTICATION, "missing_credentials"),
+    exceptions.AuthenticationFailed: (AUTHENTICATION, "invalid_credentials"),
+    exceptions.PermissionDenied: (PERMISSION, "permission_denied"),
+    exceptions.NotFound: (NOT_FOUND, "not_found"),
+    exceptions.MethodNotAllowed: (INVALID_REQUEST, "method_not_allowed"),
+    exceptions.NotAcceptable: (INVALID_REQUEST, "not_acceptable"),
+    exceptions.UnsupportedMediaType: (INVALID_REQUEST, "unsupported_media_type"),
+    exceptions.ParseError: (INVALID_REQUEST, "invalid_json"),
+    exceptions.Throttled: (RATE_LIMIT, RATE_LIMIT),
+}
+
+
+def describe(exc: exceptions.APIException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) for any DRF exception."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, ApiError):
+        body = error_body(
+            str(exc.detail), error_type=exc.error_type, code=exc.code, param=exc.param
+        )
+        return exc.status_code, body, dict(exc.headers)
+    if isinstance(exc, exceptions.ValidationError):
+        param, message, code = _first_validation_error(exc.detail)
+        if param and not message.startswith(param):
+            message = f"{param}: {message}"
+        body = error_body(message, error_type=INVALID_REQUEST, code=code or "invalid", param=param)
+        return status.HTTP_422_UNPROCESSABLE_ENTITY, body, headers
+    error_type, code = INVALID_REQUEST, None
+    for klass, (default_type, default_code) in _DEFAULTS.items():
+        if isinstance(exc, klass):
+            error_type, code = default_type, default_code
+            break
+    detail_code = getattr(exc.detail, "code", None)
+    if detail_code and detail_code not in {exc.default_code, "invalid"}:
+        code = detail_code
+    if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+        headers["WWW-Authenticate"] = 'Bearer realm="api"'
+        # DRF downgrades 401 to 403 when no authenticator names a scheme; we always have one.
+        exc.status_code = status.HTTP_401_UNAUTHORIZED
+    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
+        headers["Retry-After"] = str(max(1, int(exc.wait)))
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return exc.status_code, error_body(detail, error_type=error_type, code=code), headers
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    """DRF's EXCEPTION_HANDLER: every exception a view raises leaves as the common shape."""
+    # Imported here: rest_framework.views imports the authentication classes, which import us.
+    from rest_framework.views import set_rollback
+
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = PayloadTooLarge(
+            "The request body is larger than the server accepts.", code="request_too_large"
+        )
+    if not isinstance(exc, exceptions.APIException):
+        view = context.get("view")
+        logger.exception("unhandled_error", extra={"view": type(view).__name__})
+        set_rollback()
+        body = error_body(
+            "The server failed to process the request.", error_type=SERVER_ERROR, code=None
+        )
+        return Response(body, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    status_code, body, headers = describe(exc)
+    set_rollback()
+    return Response(body, status=status_code, headers=headers)
+
+
+def _json_error(status_code: int, message: str, error_type: str, code: str) -> JsonResponse:
+    return JsonResponse(error_body(message, error_type=error_type, code=code), status=status_code)
+
+
+# Django-level handlers for requests that never reach a DRF view (unknown paths, middleware errors).
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    if isinstance(exception, RequestDataTooBig):
+        return _json_error(
+            413,
+            "The request body is larger than the server accepts.",
+            INVALID_REQUEST,
+            "request_too_large",
+        )
+    return _json_error(400, "The request could not be understood.", INVALID_REQUEST, "bad_request")
+
+
+def permission_denied(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return _json_error(403, "You do not have permission to do this.", PERMISSION, "forbidden")
+
+
+def page_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return _json_error(404, f"No such endpoint: {request.path}", NOT_FOUND, "not_found")
+
+
+def server_error(request: HttpRequest) -> JsonResponse:
+    return _json_error(
+        500, "The server failed to process the request.", SERVER_ERROR, "internal_error"
+    )

@@ -1,0 +1,49 @@
+"""A JSON parser that refuses oversized bodies and bad encodings with clear errors.
+
+DRF's own parser reads the WSGI stream directly, which bypasses Django's
+DATA_UPLOAD_MAX_MEMORY_SIZE check; this one enforces it (413) whether or not the client sent a
+Content-Length.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.conf import settings
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import JSONParser
+
+from embedplatform.errors import PayloadTooLarge
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def too_large() -> PayloadTooLarge:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return PayloadTooLarge(
+        f"The request body is larger than the {limit} bytes the server accepts.",
+        code="request_too_large",
+    )
+
+
+class BoundedJSONParser(JSONParser):
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        raw = stream.read(limit + 1) if stream is not None else b""
+        if len(raw) > limit:
+            raise too_large()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParseError(
+                "The request body is not valid UTF-8.", code="invalid_encoding"
+            ) from exc
+        try:
+            return json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise ParseError(
+                f"The request body is not valid JSON: {exc}", code="invalid_json"
+            ) from exc

