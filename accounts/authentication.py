@@ -2,7 +2,9 @@
 
 Each returns `(user, Caller)` on success, `None` when the request carries another kind of
 credential (so the next class can try), and raises AuthenticationFailed for a credential of its
-kind that is bad, as DRF's own TokenAuthentication does.
+kind that is bad, as DRF's own TokenAuthentication does. A request with no bearer credential at
+all, or another scheme (Basic, Token), is simply unauthenticated: the permission check then
+answers 401 `missing_credentials`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
 from accounts import services
-from accounts.jwt import verify_supabase_token
+from accounts.jwt import MAX_TOKEN_LENGTH, verify_supabase_token
 from accounts.services import Caller
 
-# Bigger than any Supabase access token or API key; refusing early keeps decoding cheap.
-MAX_CREDENTIAL_LENGTH = 8192
+WWW_AUTHENTICATE = 'Bearer realm="api"'
 
 
 def bearer_credential(request: Request) -> str | None:
     """The bearer credential, None for other schemes, AuthenticationFailed when malformed."""
-    header = authentication.get_authorization_header(request)
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if isinstance(header, str):
+        # WSGI hands headers over as latin-1 text; Django's test client may pass anything.
+        try:
+            header = header.encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise exceptions.AuthenticationFailed(
+                "The bearer credential is not ASCII.", code="malformed_credentials"
+            ) from exc
     if not header:
         return None
     scheme, _, rest = header.partition(b" ")
@@ -34,11 +43,11 @@ def bearer_credential(request: Request) -> str | None:
         raise exceptions.AuthenticationFailed(
             "The Authorization header has no bearer credential.", code="malformed_credentials"
         )
-    if len(credential) > MAX_CREDENTIAL_LENGTH:
+    if len(credential) > MAX_TOKEN_LENGTH:
         raise exceptions.AuthenticationFailed(
-            "The bearer credential is too long.", code="malformed_credentials"
+            "The bearer credential is too long.", code="credential_too_long"
         )
-    if b" " in credential:
+    if any(byte in credential for byte in b" \t"):
         raise exceptions.AuthenticationFailed(
             "The bearer credential must not contain spaces.", code="malformed_credentials"
         )
@@ -72,7 +81,7 @@ class ApiKeyUser(AnonymousUser):
 class BearerAuthentication(authentication.BaseAuthentication):
     def authenticate_header(self, request: Request) -> str:
         # Makes DRF answer 401 with a challenge rather than 403.
-        return 'Bearer realm="api"'
+        return WWW_AUTHENTICATE
 
 
 class ApiKeyAuthentication(BearerAuthentication):
@@ -80,6 +89,11 @@ class ApiKeyAuthentication(BearerAuthentication):
         raw = bearer_credential(request)
         if raw is None or not services.looks_like_api_key(raw):
             return None
+        if not services.is_well_formed_api_key(raw):
+            raise exceptions.AuthenticationFailed(
+                "The API key is malformed; copy it whole, as it was shown when created.",
+                code="malformed_api_key",
+            )
         api_key = services.find_api_key(raw_key=raw)
         if api_key is None:
             raise exceptions.AuthenticationFailed("Invalid API key.", code="invalid_api_key")
@@ -111,10 +125,10 @@ class TenantSessionAuthentication(authentication.SessionAuthentication):
     """Staff in the browsable API, logged in through the admin; CSRF enforced as DRF does."""
 
     def authenticate(self, request: Request) -> tuple[Any, Caller] | None:
-        result = super().authenticate(request)
-        if result is None:
+        user = getattr(request._request, "user", None)
+        # Only staff sessions count; anybody else's session is no credential here, and is
+        # answered 401 rather than a CSRF 403 that would suggest otherwise.
+        if user is None or not user.is_active or not user.is_staff:
             return None
-        user, _ = result
-        if not user.is_staff:
-            return None
+        self.enforce_csrf(request)
         return user, Caller(user=user)

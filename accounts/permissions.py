@@ -16,27 +16,35 @@ TENANT_HEADER = "HTTP_X_TENANT"
 
 def resolve_tenant(request: Request) -> Caller:
     """Fills in `request.auth.tenant`: an API key's own tenant; for a user, the tenant named by
-    `X-Tenant` (by id) when the user is a member of it, else the user's default tenant."""
+    `X-Tenant` (its id) when the user is a member of it, else the user's default tenant.
+
+    Raises PermissionDenied (403) for an X-Tenant the caller may not act for."""
     caller = request.auth
     if not isinstance(caller, Caller):
         raise exceptions.NotAuthenticated()
-    if caller.tenant is not None:
-        requested = request.META.get(TENANT_HEADER)
-        if requested and requested != str(caller.tenant.pk):
+    requested = request.META.get(TENANT_HEADER, "").strip() or None
+    if caller.api_key is not None:
+        if requested and requested != str(caller.api_key.tenant_id):
             raise exceptions.PermissionDenied(
-                "An API key acts only for its own tenant.", code="tenant_mismatch"
+                "An API key acts only for its own tenant; drop the X-Tenant header or send its "
+                "tenant's id.",
+                code="tenant_mismatch",
             )
         return caller
-    requested = request.META.get(TENANT_HEADER) or None
+    if caller.tenant is not None:
+        return caller  # resolved already, by the permission check
     membership = membership_for(user=caller.user, tenant_ref=requested)
-    if membership is None:
-        if requested:
-            raise exceptions.PermissionDenied(
-                f"You are not a member of tenant {requested!r}.", code="not_a_member"
-            )
-        caller.tenant = services.ensure_personal_tenant(user=caller.user)
-    else:
+    if membership is not None:
         caller.tenant = membership.tenant
+    elif requested:
+        raise exceptions.PermissionDenied(
+            f"You are not a member of tenant {requested[:40]!r} (X-Tenant takes the id of a "
+            "tenant you belong to).",
+            code="not_a_member",
+        )
+    else:
+        # A user with no membership at all (an admin removed it): a personal tenant again.
+        caller.tenant = services.ensure_personal_tenant(user=caller.user)
     return caller
 
 
@@ -48,5 +56,8 @@ class HasActiveTenant(permissions.BasePermission):
             return False
         caller = resolve_tenant(request)
         if caller.tenant is None or not caller.tenant.is_active:
-            raise exceptions.PermissionDenied(self.message, code="tenant_inactive")
+            raise exceptions.PermissionDenied(
+                "This tenant is inactive; ask its owner or the operators to reactivate it.",
+                code="tenant_inactive",
+            )
         return True

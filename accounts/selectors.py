@@ -12,7 +12,7 @@ from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from accounts.models import Membership, QuotaPeriod, Tenant, UsageLog
+from accounts.models import ApiKey, Membership, QuotaPeriod, Tenant, UsageLog
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,27 @@ def next_period_start(now: datetime | None = None) -> date:
     return (start + timedelta(days=32)).replace(day=1)
 
 
+def tenants_named(ref: str) -> list[Tenant]:
+    """Tenants an operator means by `ref`: the one with that id, or those with that exact name."""
+    if ref.isascii() and ref.isdigit() and len(ref) <= 18:
+        by_id = list(Tenant.objects.filter(pk=int(ref)))
+        if by_id:
+            return by_id
+    return list(Tenant.objects.filter(name=ref).order_by("pk"))
+
+
+def api_key_by_prefix(prefix: str) -> ApiKey | None:
+    return ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
+
+
 def membership_for(*, user: AbstractBaseUser, tenant_ref: str | None) -> Membership | None:
     """The membership a user's request acts through: the one `X-Tenant` names (by id), or the
     user's default one."""
     memberships = Membership.objects.select_related("tenant", "tenant__plan").filter(user=user)
     if tenant_ref:
-        if not tenant_ref.isdigit():
+        # Plain ASCII digits that fit a bigint; anything else names no tenant (and must not
+        # reach the database as an out-of-range integer).
+        if not (tenant_ref.isascii() and tenant_ref.isdigit() and len(tenant_ref) <= 18):
             return None
         return memberships.filter(tenant_id=int(tenant_ref)).first()
     return memberships.order_by("-is_default", "created_at").first()

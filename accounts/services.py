@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -82,8 +83,9 @@ def add_member(
 
 
 def ensure_personal_tenant(*, user: AbstractBaseUser) -> Tenant:
-    """The user's own tenant, created on first need. Safe under concurrent first requests: the
-    unique `personal_owner` makes one insert win, and the losers read the winner's row."""
+    """The user's own tenant, created on first need (and their membership of it). Safe under
+    concurrent first requests: the unique `personal_owner` makes one insert win, and the losers
+    read the winner's row."""
     tenant = Tenant.objects.filter(personal_owner=user).first()
     if tenant is None:
         label = getattr(user, "email", "") or user.get_username()
@@ -102,9 +104,17 @@ def ensure_personal_tenant(*, user: AbstractBaseUser) -> Tenant:
     return tenant
 
 
+# How stale `SupabaseIdentity.last_seen_at` may get: one write a minute per active user at most.
+LAST_SEEN_PRECISION_SECONDS = 60
+
+
 def provision_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
-    """The local user for a Supabase `sub`, created just in time with a personal tenant, and with
-    the e-mail kept in step with the token."""
+    """The local user for a Supabase `sub`; on its first token, a new user with a personal tenant.
+
+    The hot path is one indexed SELECT (identity joined with its user). A new subject's user,
+    identity, personal tenant and membership are created in one transaction, so concurrent first
+    requests make exactly one of each: the unique username and subject make every other insert
+    fail, and the losers read the winner's committed rows. The e-mail follows the token's."""
     identity = SupabaseIdentity.objects.select_related("user").filter(subject=subject).first()
     if identity is None:
         try:
@@ -113,19 +123,30 @@ def provision_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
                 user.set_unusable_password()
                 user.save(update_fields=["password"])
                 identity = SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
+                ensure_personal_tenant(user=user)
         except IntegrityError:
             identity = SupabaseIdentity.objects.select_related("user").get(subject=subject)
+        return identity.user
     user = identity.user
+    now = timezone.now()
+    changes: dict[str, object] = {}
     if email and identity.email != email:
-        SupabaseIdentity.objects.filter(pk=identity.pk).update(email=email)
+        changes["email"] = email
         User.objects.filter(pk=user.pk).update(email=email)
         user.email = email
-    if not Membership.objects.filter(user=user).exists():
-        ensure_personal_tenant(user=user)
+    if (now - identity.last_seen_at).total_seconds() >= LAST_SEEN_PRECISION_SECONDS:
+        changes["last_seen_at"] = now
+    if changes:
+        SupabaseIdentity.objects.filter(pk=identity.pk).update(**changes)
     return user
 
 
 # --- API keys ----------------------------------------------------------------------------------
+
+
+_API_KEY_ID_LENGTH = 12
+_API_KEY_SECRET_BYTES = 32
+_API_KEY_BODY = re.compile(r"[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
 
 
 def hash_api_key(raw_key: str) -> str:
@@ -142,8 +163,8 @@ def create_api_key(
     expires_at: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """Returns the key row and the full secret, which is never stored and never shown again."""
-    prefix = f"{settings.API_KEY_PREFIX}_{secrets.token_hex(6)}"
-    raw_key = f"{prefix}_{secrets.token_urlsafe(32)}"
+    prefix = f"{settings.API_KEY_PREFIX}_{secrets.token_hex(_API_KEY_ID_LENGTH // 2)}"
+    raw_key = f"{prefix}_{secrets.token_urlsafe(_API_KEY_SECRET_BYTES)}"
     api_key = ApiKey.objects.create(
         tenant=tenant,
         name=name,
@@ -156,12 +177,20 @@ def create_api_key(
 
 
 def looks_like_api_key(raw: str) -> bool:
-    return raw.startswith(f"{settings.API_KEY_PREFIX}_") and raw.count("_") >= 2
+    """Whether a bearer credential is meant as one of our API keys (JWTs start with `eyJ`)."""
+    return raw.startswith(f"{settings.API_KEY_PREFIX}_")
+
+
+def is_well_formed_api_key(raw: str) -> bool:
+    """`<API_KEY_PREFIX>_<12 hex>_<43 base64url>`, as create_api_key makes them."""
+    head, separator, rest = raw.partition(f"{settings.API_KEY_PREFIX}_")
+    return not head and bool(separator) and _API_KEY_BODY.fullmatch(rest) is not None
 
 
 def find_api_key(*, raw_key: str) -> ApiKey | None:
-    """The key row for a presented secret, or None; compares hashes in constant time."""
-    prefix = "_".join(raw_key.split("_", 2)[:2])
+    """The key row for a presented secret, or None; the public prefix finds the row (a unique
+    index), and the hashes are compared in constant time."""
+    prefix = raw_key[: len(settings.API_KEY_PREFIX) + 1 + _API_KEY_ID_LENGTH]
     api_key = ApiKey.objects.select_related("tenant", "tenant__plan").filter(prefix=prefix).first()
     if api_key is None or not hmac.compare_digest(api_key.hashed_key, hash_api_key(raw_key)):
         return None
@@ -184,11 +213,6 @@ def revoke_api_key(*, api_key: ApiKey) -> ApiKey:
 
 
 # --- Quota and usage ---------------------------------------------------------------------------
-
-
-def _quota_row(*, tenant: Tenant, period_start: date) -> QuotaPeriod:
-    row, _ = QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
-    return row
 
 
 def check_quota(*, tenant: Tenant, tokens: int) -> None:
@@ -250,16 +274,35 @@ def charge_and_log(*, record: UsageRecord) -> UsageLog:
     tenant = record.caller.tenant
     assert tenant is not None, "a served request always has a tenant"
     quota = effective_limits(tenant).monthly_token_quota
-    row = _quota_row(tenant=tenant, period_start=current_period_start())
+    period_start = current_period_start()
     with transaction.atomic():
-        # The condition and the increment are one statement, so no interleaving can overspend.
-        charged = QuotaPeriod.objects.filter(pk=row.pk, tokens__lte=quota - record.tokens).update(
-            tokens=F("tokens") + record.tokens, requests=F("requests") + 1
-        )
+        charged = _charge(tenant=tenant, period_start=period_start, quota=quota, record=record)
         if not charged:
-            spent = QuotaPeriod.objects.values_list("tokens", flat=True).get(pk=row.pk)
+            # Either the quota is spent, or this is the month's first charge and its row does
+            # not exist yet; the unique (tenant, month) makes concurrent creators agree on one.
+            _, created = QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
+            if created:
+                charged = _charge(
+                    tenant=tenant, period_start=period_start, quota=quota, record=record
+                )
+        if not charged:
+            spent = (
+                QuotaPeriod.objects.filter(tenant=tenant, period_start=period_start)
+                .values_list("tokens", flat=True)
+                .first()
+                or 0
+            )
             raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
         return _log(record, tokens=record.tokens)
+
+
+def _charge(*, tenant: Tenant, period_start: date, quota: int, record: UsageRecord) -> bool:
+    # The condition and the increment are one statement, so no interleaving can overspend.
+    return bool(
+        QuotaPeriod.objects.filter(
+            tenant=tenant, period_start=period_start, tokens__lte=quota - record.tokens
+        ).update(tokens=F("tokens") + record.tokens, requests=F("requests") + 1)
+    )
 
 
 def log_refusal(*, record: UsageRecord) -> UsageLog:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -9,8 +10,10 @@ from rest_framework.views import APIView
 
 from accounts.permissions import HasActiveTenant, resolve_tenant
 from accounts.selectors import tenant_usage_summary
+from embedplatform import openapi
 
 
+@extend_schema(**openapi.ACCOUNT_USAGE)
 class UsageView(APIView):
     """Plan and limits, this month's requests and tokens, the remaining quota, and daily totals
     for the last 30 days, all of the calling tenant only."""

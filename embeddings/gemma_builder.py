@@ -275,8 +275,8 @@ def build_gemma_like_model(
 
     Args:
         path: Target directory (created; existing files with the same names are overwritten).
-        size: ``"full"`` has the real sizes (~300M params, ~1.2 GB fp32; for benchmarks only),
-            ``"tiny"`` has the same structure with small sizes (a few MB, builds in ~1 s; for tests).
+        size: ``"full"`` has the real sizes (~300M params, ~1.2 GB fp32; benchmarks only),
+            ``"tiny"`` has the same structure with small sizes (a few MB, builds in ~1 s; tests).
         seed: Seed for the weight init so that builds are reproducible.
 
     Returns:

@@ -112,10 +112,9 @@ def served_model_name() -> str:
     return BUNDLED_MODEL_NAME
 
 
-def accepted_model_names() -> set[str]:
+def accepted_model_names(served: str) -> set[str]:
     """Names under which /v1/embeddings accepts the served model."""
-    name = served_model_name()
-    names = {name, name.rsplit("/", 1)[-1], *settings.MODEL_ALIASES}
+    names = {served, served.rsplit("/", 1)[-1], *settings.MODEL_ALIASES}
     if settings.MODEL_NAME:
         names.add(settings.MODEL_NAME)
     return {n for n in names if n}
@@ -179,7 +178,7 @@ def load_encoder(
             source,
             quantization=quantization,
             token=hf_token,
-            max_seq_length=max_seq_length,
+            max_seq_length=None,
             cache_folder=cache_folder,
         )
     except Exception as exc:
@@ -188,6 +187,10 @@ def load_encoder(
             message += " google/ models are gated: set HF_TOKEN."
         raise ModelLoadError(message) from exc
     model.eval()
+    # MAX_SEQ_LENGTH caps the model's own limit; it never stretches a model past what it was
+    # trained for (MiniLM: 256, EmbeddingGemma: 2048).
+    native = model.max_seq_length or max_seq_length
+    model.max_seq_length = min(max_seq_length, native)
     seconds = time.perf_counter() - started
     for warning in info.warnings:
         logger.warning("model_quantization_warning", extra={"detail": warning})

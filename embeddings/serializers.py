@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rest_framework import serializers
+from rest_framework.fields import ProhibitNullCharactersValidator
 
 ENCODING_FORMATS = ("float", "base64")
 
@@ -23,7 +24,8 @@ def check_text(value: str) -> str:
     except UnicodeEncodeError as exc:
         # JSON can smuggle in lone surrogates ("\ud800"), which are not text and no tokenizer takes.
         raise serializers.ValidationError(
-            "Text contains a lone surrogate (invalid Unicode).", code="invalid_text"
+            "Text contains a lone surrogate (invalid Unicode).",
+            code="surrogate_characters_not_allowed",
         ) from exc
     return value
 
@@ -43,6 +45,10 @@ class TextField(StrictCharField):
         # Blank text reaches check_text, which gives the clearer message.
         kwargs.setdefault("allow_blank", True)
         super().__init__(**kwargs)
+        # A NUL is odd but harmless text: tokenizers take it, so it is embedded like the rest.
+        self.validators = [
+            v for v in self.validators if not isinstance(v, ProhibitNullCharactersValidator)
+        ]
 
     def run_validation(self, data: Any = serializers.empty) -> Any:
         value = super().run_validation(data)
@@ -96,22 +102,29 @@ class BatchEmbedInputSerializer(EmbedOptionsSerializer):
 
 
 class UsageSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField(
+        help_text="Tokens of the texts (with their prompt), as charged to the tenant's quota."
+    )
+    total_tokens = serializers.IntegerField(help_text="The same: embedding has no output tokens.")
 
 
 class EmbedOutputSerializer(serializers.Serializer):
-    embedding = serializers.ListField(child=serializers.FloatField())
-    model = serializers.CharField()
-    dimensions = serializers.IntegerField()
-    usage = UsageSerializer()
+    embedding = serializers.ListField(
+        child=serializers.FloatField(), help_text="The embedding, `dimensions` floats."
+    )
+    model = serializers.CharField(help_text="The model that made it.")
+    dimensions = serializers.IntegerField(help_text="The embedding's length.")
+    usage = UsageSerializer(help_text="What the request was charged.")
 
 
 class BatchEmbedOutputSerializer(serializers.Serializer):
-    embeddings = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
-    model = serializers.CharField()
-    dimensions = serializers.IntegerField()
-    usage = UsageSerializer()
+    embeddings = serializers.ListField(
+        child=serializers.ListField(child=serializers.FloatField()),
+        help_text="One embedding per text, in the order of `texts`.",
+    )
+    model = serializers.CharField(help_text="The model that made them.")
+    dimensions = serializers.IntegerField(help_text="The length of each embedding.")
+    usage = UsageSerializer(help_text="What the request was charged.")
 
 
 class OpenAIInputField(serializers.Field):
@@ -167,24 +180,40 @@ class OpenAIEmbeddingInputSerializer(serializers.Serializer):
         default="float",
         help_text="float, or base64 of little-endian float32 (what the openai client asks for).",
     )
-    dimensions = StrictIntegerField(required=False, allow_null=True, min_value=1)
-    user = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=256)
-    prompt_name = StrictCharField(required=False, allow_null=True, max_length=64)
+    dimensions = StrictIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Keep the first N dimensions (Matryoshka), re-normalised to unit length.",
+    )
+    user = StrictCharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        max_length=256,
+        help_text="OpenAI's end-user id; accepted for compatibility and not used.",
+    )
+    prompt_name = StrictCharField(
+        required=False,
+        allow_null=True,
+        max_length=64,
+        help_text="Not OpenAI's: a task prompt of the model, as on /embed.",
+    )
 
 
 class OpenAIEmbeddingSerializer(serializers.Serializer):
-    object = serializers.CharField(default="embedding")
-    index = serializers.IntegerField()
+    object = serializers.CharField(default="embedding", help_text="Always `embedding`.")
+    index = serializers.IntegerField(help_text="The position of its text in `input`.")
     embedding = serializers.JSONField(help_text="Floats, or a base64 string of float32.")
 
 
 class OpenAIUsageSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField(help_text="Tokens charged to the tenant's quota.")
+    total_tokens = serializers.IntegerField(help_text="The same as `prompt_tokens`.")
 
 
 class OpenAIEmbeddingOutputSerializer(serializers.Serializer):
-    object = serializers.CharField(default="list")
-    data = OpenAIEmbeddingSerializer(many=True)
-    model = serializers.CharField()
-    usage = OpenAIUsageSerializer()
+    object = serializers.CharField(default="list", help_text="Always `list`.")
+    data = OpenAIEmbeddingSerializer(many=True, help_text="One item per input, in order.")
+    model = serializers.CharField(help_text="The model that made them.")
+    usage = OpenAIUsageSerializer(help_text="What the request was charged.")

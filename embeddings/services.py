@@ -8,7 +8,9 @@ leaves, so a served request is charged exactly once and a refused one not at all
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +43,22 @@ class MeteredCall:
     tokens: int = 0
     recorded: bool = False
     rate_limit: RateLimitState | None = None
+    # Milliseconds per phase, sent back as Server-Timing so callers (and bench/) can see where a
+    # request's time went: the identity layer versus the model.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000.0
+            self.timings[phase] = self.timings.get(phase, 0.0) + elapsed
+
+    def server_timing(self) -> str:
+        phases = [f"{name};dur={value:.2f}" for name, value in self.timings.items()]
+        return ", ".join([*phases, f"total;dur={self.elapsed_ms():.2f}"])
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
@@ -137,18 +155,22 @@ def embed(
         )
     prompt = resolve_prompt(runtime, prompt_name)
     size = resolve_dimensions(runtime, dimensions)
-    token_counts = runtime.encoder.count_tokens(texts, prompt)
+    with call.timed("tokenize"):
+        token_counts = runtime.encoder.count_tokens(texts, prompt)
     tokens = sum(token_counts)
-    call.rate_limit = enforce_rate_limits(
-        request=call.request, tenant=tenant, limits=limits, tokens=tokens
-    )
+    with call.timed("ratelimit"):
+        call.rate_limit = enforce_rate_limits(
+            request=call.request, tenant=tenant, limits=limits, tokens=tokens
+        )
     try:
-        accounts.check_quota(tenant=tenant, tokens=tokens)
+        with call.timed("quota"):
+            accounts.check_quota(tenant=tenant, tokens=tokens)
     except QuotaExceeded:
         metrics.QUOTA_EXCEEDED.inc()
         raise
     try:
-        vectors = runtime.embed(texts, prompt=prompt, token_counts=token_counts)
+        with call.timed("model"):
+            vectors = runtime.embed(texts, prompt=prompt, token_counts=token_counts)
     except FutureTimeout as exc:
         raise ServiceUnavailable(
             "The model is overloaded; try again shortly.", code="model_overloaded"
@@ -156,7 +178,8 @@ def embed(
     shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
     call.tokens = tokens
     try:
-        accounts.charge_and_log(record=call.usage_record(status_code=200))
+        with call.timed("charge"):
+            accounts.charge_and_log(record=call.usage_record(status_code=200))
     except QuotaExceeded:
         call.tokens = 0
         metrics.QUOTA_EXCEEDED.inc()

@@ -11,6 +11,7 @@ import numpy as np
 from django.conf import settings
 from django.db import connection
 from django_redis import get_redis_connection
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.renderers import JSONRenderer
@@ -21,9 +22,10 @@ from rest_framework.views import APIView
 from accounts import services as accounts
 from accounts.permissions import HasActiveTenant
 from embeddings import serializers as io
-from embeddings.runtime import accepted_model_names, get_runtime, served_model_name
-from embeddings.services import MeteredCall, decode_token_inputs, embed
-from embedplatform import metrics
+from embeddings.runtime import accepted_model_names, get_runtime
+from embeddings.services import MeteredCall, decode_token_inputs, embed, require_runtime
+from embedplatform import metrics, openapi
+from embedplatform.browsable import BrowsableForm
 from embedplatform.errors import ModelNotFound, error_body
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ def validated(serializer_class: type[serializers.Serializer], request: Request) 
     return dict(serializer.validated_data)
 
 
-class MeteredEmbedView(APIView):
+class MeteredEmbedView(BrowsableForm, APIView):
     """Base of the embed views: every request that passed authentication leaves one usage row
     (served: charged; refused: zero tokens, with its error type), and every response is counted
     in the metrics and carries the tenant's rate-limit headers."""
@@ -54,7 +56,9 @@ class MeteredEmbedView(APIView):
             endpoint=self.endpoint,
             request_id=getattr(request._request, "request_id", ""),
         )
-        super().initial(request, *args, **kwargs)
+        # Authentication, tenant resolution and permissions: the identity layer's share.
+        with self.call.timed("auth"):
+            super().initial(request, *args, **kwargs)
 
     def finalize_response(
         self, request: Request, response: Response, *args: Any, **kwargs: Any
@@ -78,6 +82,7 @@ class MeteredEmbedView(APIView):
         if call.rate_limit is not None:
             for name, value in call.rate_limit.headers().items():
                 response.headers.setdefault(name, value)
+        response["Server-Timing"] = call.server_timing()
         status = str(response.status_code)
         metrics.REQUESTS.labels(endpoint=self.endpoint, status=status).inc()
         metrics.REQUEST_DURATION.labels(endpoint=self.endpoint).observe(call.elapsed_ms() / 1000)
@@ -91,10 +96,13 @@ class MeteredEmbedView(APIView):
         return self.request.auth
 
 
+@extend_schema(**openapi.EMBED)
 class EmbedView(MeteredEmbedView):
-    """Embed one text."""
+    """Embed one text: `text`, and optionally `prompt_name` (a task prompt of the model),
+    `dimensions` (keep the first N, Matryoshka) and `normalize`."""
 
     endpoint = "embed"
+    serializer_class = io.EmbedInputSerializer
 
     def post(self, request: Request) -> Response:
         self.caller()
@@ -118,10 +126,12 @@ class EmbedView(MeteredEmbedView):
         )
 
 
+@extend_schema(**openapi.BATCH_EMBED)
 class BatchEmbedView(MeteredEmbedView):
     """Embed many texts in one request; the order of the answer is the order of the texts."""
 
     endpoint = "batch_embed"
+    serializer_class = io.BatchEmbedInputSerializer
 
     def post(self, request: Request) -> Response:
         self.caller()
@@ -148,20 +158,24 @@ def encode_base64(vector: np.ndarray) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
+@extend_schema(**openapi.OPENAI_EMBEDDINGS)
 class OpenAIEmbeddingsView(MeteredEmbedView):
     """OpenAI-compatible embeddings: the official `openai` client works unchanged with
     `base_url=http://host:port/v1`."""
 
     endpoint = "openai_embeddings"
+    serializer_class = io.OpenAIEmbeddingInputSerializer
+    name = "OpenAI embeddings"  # the browsable API's title ("Open Ai Embeddings" otherwise)
 
     def post(self, request: Request) -> Response:
         self.caller()
         data = validated(io.OpenAIEmbeddingInputSerializer, request)
         requested_model = data.get("model")
-        if requested_model and requested_model not in accepted_model_names():
+        served = require_runtime().encoder.name
+        if requested_model and requested_model not in accepted_model_names(served):
             raise ModelNotFound(
                 f"The model {requested_model!r} does not exist here; this service serves "
-                f"{served_model_name()!r}.",
+                f"{served!r}.",
                 code="model_not_found",
                 param="model",
             )
@@ -196,6 +210,7 @@ class OpenAIEmbeddingsView(MeteredEmbedView):
         )
 
 
+@extend_schema(**openapi.HEALTH)
 class HealthView(APIView):
     """Ready when the model is loaded and the database (and Redis, where configured) answer."""
 

@@ -95,7 +95,12 @@ def _first_validation_error(detail: Any, path: str = "") -> tuple[str | None, st
     """Serializer errors nest; callers want the first one as (param, message, code)."""
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = path if key == "non_field_errors" else (f"{path}.{key}" if path else str(key))
+            if key == "non_field_errors":
+                name = path
+            elif isinstance(key, int):  # ListField reports items by position
+                name = f"{path}[{key}]"
+            else:
+                name = f"{path}.{key}" if path else str(key)
             return _first_validation_error(value, name)
     if isinstance(detail, list) and detail:
         for index, value in enumerate(detail):

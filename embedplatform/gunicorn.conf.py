@@ -1,50 +1,160 @@
 """gunicorn settings: gthread workers, each loading the model once and batching its requests.
 
-Every value comes from the environment, with defaults that fit the machine: one worker per two
-cores at most, and torch threads = cores // workers, because workers x torch threads above the
-core count makes every forward pass wait on the others.
+Every value comes from the environment, with defaults that fit the machine:
+
+- WEB_CONCURRENCY workers (default: one per two cores), each holding its own copy of the model;
+- GUNICORN_THREADS request threads per worker (default 32): they mostly wait for the batcher, so
+  many are cheap and let concurrent requests share forward passes;
+- TORCH_THREADS torch threads per worker (default: cores // workers), because workers x torch
+  threads above the core count makes every forward pass wait on the others.
+
+"Cores" honours a container's CPU limit (cgroup quota, e.g. compose's `cpus: '2.0'`), which the
+affinity mask does not show: on a 64-core host a 2-CPU container must not start 32 workers.
+
+On SIGTERM gunicorn stops accepting, lets the requests in flight finish (at most
+GUNICORN_GRACEFUL_TIMEOUT seconds), then exits 0. Every log line, access lines included, is JSON.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+import sys
 import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
-_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from gunicorn.glogging import Logger
+
+# The project root, so `embedplatform` imports whatever directory gunicorn was started from.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from embedplatform.jsonlog import JsonFormatter  # noqa: E402
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs allowed by the cgroup quota (v2, then v1), or None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        # Rounded up, as the JVM and Go do: a 1.5-CPU limit still runs two threads usefully.
+        cores = min(cores, max(1, math.ceil(limit)))
+    return cores
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+cores = available_cores()
 
 bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+workers = max(1, _env_int("WEB_CONCURRENCY", max(1, cores // 2)))
 worker_class = "gthread"
-# Request threads mostly wait for the batcher, so many are cheap and let requests share passes.
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
-keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
+threads = max(1, _env_int("GUNICORN_THREADS", 32))
+# A worker that has not checked in for this long is killed and replaced. Model loading happens
+# before the first check-in, so the container entrypoint downloads the model beforehand.
+timeout = _env_int("GUNICORN_TIMEOUT", 120)
+# How long a stopping worker may take to finish its requests in flight.
+graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
+keepalive = _env_int("GUNICORN_KEEPALIVE", 5)
 wsgi_app = "embedplatform.wsgi:application"
+chdir = str(ROOT)
 preload_app = False
+# gunicorn's control socket (gunicornc) defaults to one path per user, which two servers on one
+# host would fight over; it is opt-in here.
+if os.environ.get("GUNICORN_CONTROL_SOCKET"):
+    control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
+else:
+    control_socket_disable = True
+# The heartbeat file lives in memory: on a container's overlay filesystem its writes can stall.
+if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+    worker_tmp_dir = "/dev/shm"
 
-# Tell the app it is serving, so the embeddings app loads the model in each worker, and size
-# torch's threads to this worker's share of the cores.
+# Tell the app it is serving, so the embeddings app loads the model in each worker; and size
+# torch's threads to this worker's share of the cores (embeddings.runtime.torch_threads reads
+# TORCH_THREADS and WEB_CONCURRENCY from settings).
 os.environ["EMBEDPLATFORM_SERVING"] = "1"
 os.environ["WEB_CONCURRENCY"] = str(workers)
+if _env_int("TORCH_THREADS", 0) <= 0:
+    os.environ["TORCH_THREADS"] = str(max(1, cores // workers))
+# Progress bars (model download, weight loading) would put non-JSON lines in the log.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Prometheus multiprocess mode: each worker writes its samples to files that /metrics adds up.
+# Set before any worker imports prometheus_client, which picks its value store at import.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="embedplatform-metrics-")
 _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
+
+class JsonLogger(Logger):
+    """gunicorn's logger with one JSON object per line: its own messages through the project's
+    JsonFormatter, and access lines built field by field (so a quote in a path or user agent
+    cannot break the line). Request headers are never logged, Authorization least of all."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        if not self.access_log_enabled:
+            return
+        response_headers = {str(k).lower(): str(v) for k, v in (resp.headers or [])}
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        line = {
+            "time": datetime.now(tz=UTC).isoformat(),
+            "level": "info",
+            "logger": "gunicorn.access",
+            "event": "access",
+            "remote": environ.get("REMOTE_ADDR", ""),
+            "method": environ.get("REQUEST_METHOD", ""),
+            # The path only: a query string may carry something secret.
+            "path": environ.get("PATH_INFO", ""),
+            "status": int(status) if str(status).isdigit() else status,
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 2),
+            "request_id": response_headers.get("x-request-id", ""),
+            "user_agent": environ.get("HTTP_USER_AGENT", ""),
+            "pid": os.getpid(),
+        }
+        try:
+            self.access_log.info(json.dumps(line, ensure_ascii=False, default=str))
+        except Exception:
+            self.exception("access_log_failed")
+
+
+logger_class = JsonLogger
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
-access_log_format = (
-    '{"time": "%(t)s", "event": "access", "remote": "%(h)s", "method": "%(m)s", '
-    '"path": "%(U)s", "status": %(s)s, "bytes": "%(B)s", "duration_ms": %(M)s, '
-    '"request_id": "%({x-request-id}o)s", "user_agent": "%(a)s"}'
-)
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 
-def on_starting(server: object) -> None:
+def on_starting(server: Any) -> None:
     # Samples left by a previous run would be added to this one's.
     if os.path.isdir(_metrics_dir):
         for entry in os.listdir(_metrics_dir):
@@ -54,9 +164,21 @@ def on_starting(server: object) -> None:
             else:
                 shutil.rmtree(path, ignore_errors=True)
     os.makedirs(_metrics_dir, exist_ok=True)
+    server.log.info(
+        "gunicorn_settings",
+        extra={
+            "workers": workers,
+            "threads": threads,
+            "torch_threads": int(os.environ["TORCH_THREADS"]),
+            "cores": cores,
+            "timeout": timeout,
+            "graceful_timeout": graceful_timeout,
+        },
+    )
 
 
-def child_exit(server: object, worker: object) -> None:
+def child_exit(server: Any, worker: Any) -> None:
+    # Live gauges of a dead worker must stop counting; its counters stay in the totals.
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined]
+    multiprocess.mark_process_dead(worker.pid)

@@ -73,6 +73,8 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "embedplatform.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Static files (admin, browsable API, Swagger UI and ReDoc) from this process, DEBUG or not.
+    "embedplatform.staticfiles.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -106,6 +108,11 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+if "postgresql" in DATABASES["default"]["ENGINE"]:
+    # A database that does not answer makes /health say 503 in seconds, not hang.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=3)
+    )
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     # Several gunicorn threads write usage rows at once: wait for the lock instead of failing.
@@ -184,6 +191,9 @@ SUPABASE_JWKS_URL = env.str(
 SUPABASE_JWT_AUDIENCE = env.str("SUPABASE_JWT_AUDIENCE", default="authenticated")
 SUPABASE_JWT_LEEWAY_SECONDS = env.int("SUPABASE_JWT_LEEWAY_SECONDS", default=30)
 SUPABASE_JWKS_CACHE_SECONDS = env.int("SUPABASE_JWKS_CACHE_SECONDS", default=600)
+# A token naming an unknown key refetches the key set (a rotation), at most this often.
+SUPABASE_JWKS_REFETCH_SECONDS = env.int("SUPABASE_JWKS_REFETCH_SECONDS", default=30)
+SUPABASE_JWKS_TIMEOUT_SECONDS = env.float("SUPABASE_JWKS_TIMEOUT_SECONDS", default=2.0)
 ALLOW_ANONYMOUS_USERS = env.bool("ALLOW_ANONYMOUS_USERS", default=False)
 API_KEY_PREFIX = env.str("API_KEY_PREFIX", default="emb")
 
@@ -215,6 +225,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+# WhiteNoise serves collectstatic's STATIC_ROOT and, so that a plain checkout (tests, a gunicorn
+# started without collectstatic) works too, the apps' static folders (embedplatform/staticfiles.py).
+WHITENOISE_USE_FINDERS = True
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -242,6 +255,15 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Swagger UI would otherwise send the schema to validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
+    # The docs need no credential, and a stale one in Swagger UI must not break them.
+    "SERVE_AUTHENTICATION": [],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "embedplatform.openapi.postprocess_schema",
+    ],
+    "ENUM_NAME_OVERRIDES": {"ErrorTypeEnum": "embedplatform.openapi.ERROR_TYPES"},
 }
 
 LOGGING = {

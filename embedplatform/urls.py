@@ -1,10 +1,15 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from embedplatform.metrics_view import metrics_view
+
 urlpatterns = [
     path("", include("embeddings.urls")),
     path("", include("accounts.urls")),
-    path("", include("django_prometheus.urls")),
+    path("", include("embedplatform.docs_urls")),
+    path("metrics", metrics_view, name="metrics"),
+    # Before admin.site.urls, whose catch-all would otherwise answer /admin/usage/.
+    path("admin/usage/", include("accounts.dashboard")),
     path("admin/", admin.site.urls),
 ]
 

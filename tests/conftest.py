@@ -8,25 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-# Before Django reads its settings: tests run against real PostgreSQL and Redis, with a cache key
-# prefix of their own so that counters of earlier runs never leak into this one.
-os.environ.setdefault("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
-os.environ["CACHE_KEY_PREFIX"] = f"test-{uuid.uuid4().hex[:10]}"
-os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="embedplatform-test-data-"))
-os.environ.setdefault("SUPABASE_JWT_SECRET", f"test-secret-{uuid.uuid4().hex}")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["MODEL_LOAD_ON_START"] = "false"
 
 import numpy as np
 import pytest
@@ -201,3 +187,15 @@ def output_dir() -> Path:
     """Where tests leave artefacts worth looking at (screenshots, reports)."""
     OUTPUT_DIR.mkdir(exist_ok=True)
     return OUTPUT_DIR
+
+
+@pytest.fixture
+def supabase(settings: Any) -> Iterator[Any]:
+    """A fake Supabase project on 127.0.0.1 (tests/jwks_server.py) that the service trusts for the
+    test: SUPABASE_URL, its JWKS and its anon key point at it, and it signs with the same legacy
+    secret, so HS256 and asymmetric tokens work side by side."""
+    from tests.jwks_server import FakeSupabase
+
+    with FakeSupabase(jwt_secret=settings.SUPABASE_JWT_SECRET) as project:
+        project.configure(settings)
+        yield project

@@ -91,6 +91,8 @@ def start_service(
         "CACHE_KEY_PREFIX": settings.CACHES["default"].get("KEY_PREFIX", "embedplatform"),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
+        # The test process itself never loads a model at start; the service must.
+        "MODEL_LOAD_ON_START": "true",
         **(env or {}),
     }
     full_env.pop("DJANGO_SETTINGS_MODULE", None)
@@ -112,16 +114,21 @@ def start_service(
 
 def wait_until_healthy(service: Service, *, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
+    last = "no answer"
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise RuntimeError(
                 f"gunicorn exited with {service.process.returncode}:\n{service.log()}"
             )
         try:
-            if requests.get(service.url + "/health", timeout=2).status_code == 200:
+            response = requests.get(service.url + "/health", timeout=2)
+            if response.status_code == 200:
                 return
-        except requests.RequestException:
-            pass
+            last = response.text
+        except requests.RequestException as exc:
+            last = str(exc)
         time.sleep(0.2)
     service.stop(signal.SIGKILL)
-    raise RuntimeError(f"gunicorn did not become healthy in {timeout}s:\n{service.log()}")
+    raise RuntimeError(
+        f"gunicorn did not become healthy in {timeout}s (last /health: {last}):\n{service.log()}"
+    )

@@ -52,16 +52,19 @@ def test_it_has_embedding_gemma_architecture(tiny_gemma: SentenceTransformer) ->
     config = backbone.config
     assert config.model_type == "gemma3_text"
     assert config.use_bidirectional_attention is True
-    assert config.num_attention_heads == 3 and config.num_key_value_heads == 1
+    assert config.num_attention_heads == 3
+    assert config.num_key_value_heads == 1
     assert {"sliding_attention", "full_attention"} <= set(config.layer_types)
     assert tiny_gemma.max_seq_length == config.max_position_embeddings
 
     pooling = tiny_gemma[1]
-    assert pooling.pooling_mode == "mean" and pooling.include_prompt is True
+    assert pooling.pooling_mode == "mean"
+    assert pooling.include_prompt is True
     up, down = tiny_gemma[2], tiny_gemma[3]
     assert (up.in_features, up.out_features) == (config.hidden_size, 4 * config.hidden_size)
     assert (down.in_features, down.out_features) == (4 * config.hidden_size, config.hidden_size)
-    assert up.linear.bias is None and down.linear.bias is None
+    assert up.linear.bias is None
+    assert down.linear.bias is None
     assert isinstance(up.activation_function, torch.nn.Identity)
     assert isinstance(down.activation_function, torch.nn.Identity)
 

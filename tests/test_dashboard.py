@@ -1,0 +1,516 @@
+"""The usage dashboard in the admin: /admin/usage/ and /admin/usage/tenant/<id>/."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.db import connection
+from django.db.models import Count, Sum
+from django.test import Client
+from django.utils import timezone
+
+from accounts import dashboard, services
+from accounts import dashboard_selectors as usage
+from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
+from accounts.selectors import current_period_start, next_period_start
+from tests.usage_seed import seed_usage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class MetricRows(HTMLParser):
+    """Reads the dashboard's tables back: for each `<tr data-tenant-id|data-day>` of the element
+    with `id`, the text of its `data-metric` cells."""
+
+    def __init__(self, container_id: str) -> None:
+        super().__init__()
+        self.container_id = container_id
+        self.depth = 0  # > 0 while inside the container
+        self.rows: list[dict[str, str]] = []
+        self.metric: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if self.depth == 0 and attributes.get("id") == self.container_id:
+            self.depth = 1
+            return
+        if self.depth == 0:
+            return
+        if tag == "div" or tag == "table":
+            self.depth += 1
+        if tag == "tr" and ("data-tenant-id" in attributes or "data-day" in attributes):
+            key = attributes.get("data-tenant-id") or attributes.get("data-day") or ""
+            self.rows.append({"key": key})
+        if "data-metric" in attributes:
+            self.metric = attributes["data-metric"]
+            if not self.rows:
+                self.rows.append({"key": ""})
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.depth and tag in ("div", "table"):
+            self.depth -= 1
+        if tag in ("td", "span"):
+            self.metric = None
+
+    def handle_data(self, data: str) -> None:
+        if self.depth and self.metric and data.strip():
+            self.rows[-1][self.metric] = data.strip()
+
+
+def metric_rows(html: str, container_id: str) -> list[dict[str, str]]:
+    parser = MetricRows(container_id)
+    parser.feed(html)
+    return parser.rows
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+@pytest.fixture
+def operator(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_superuser(
+        username="operator", email="operator@example.com", password="correct horse battery"
+    )
+
+
+@pytest.fixture
+def operator_client(operator: Any) -> Client:
+    client = Client()
+    client.force_login(operator)
+    return client
+
+
+def log(tenant: Tenant | None, **fields: Any) -> UsageLog:
+    values: dict[str, Any] = {
+        "endpoint": "embed",
+        "model": "fake-model",
+        "inputs": 1,
+        "tokens": 10,
+        "status_code": 200,
+        "latency_ms": 20.0,
+        "request_id": f"req-{random.getrandbits(48):012x}",
+        "created_at": timezone.now(),
+    }
+    values.update(fields)
+    return UsageLog.objects.create(tenant=tenant, **values)
+
+
+# --- Access ------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_it_sends_anonymous_visitors_to_the_admin_login(alice: Any) -> None:
+    for url in ("/admin/usage/", f"/admin/usage/tenant/{alice.tenant.pk}/"):
+        response = Client().get(url)
+        assert response.status_code == 302
+        assert response["Location"].startswith(f"/admin/login/?next={url}")
+
+
+@pytest.mark.django_db
+def test_it_refuses_users_who_are_not_staff(alice: Any, django_user_model: Any) -> None:
+    member = django_user_model.objects.create_user(username="member", password="x" * 20)
+    client = Client()
+    client.force_login(member)
+    for url in ("/admin/usage/", f"/admin/usage/tenant/{alice.tenant.pk}/"):
+        response = client.get(url, follow=True)
+        assert response.redirect_chain[0][0].startswith("/admin/login/")
+        assert b"not authorized to access this page" in response.content
+        assert alice.tenant.name.encode() not in response.content
+
+
+@pytest.mark.django_db
+def test_it_refuses_staff_without_permission_to_view_usage_logs(
+    alice: Any, django_user_model: Any
+) -> None:
+    staff = django_user_model.objects.create_user(username="staff", is_staff=True)
+    client = Client()
+    client.force_login(staff)
+    assert client.get("/admin/usage/").status_code == 403
+    assert client.get(f"/admin/usage/tenant/{alice.tenant.pk}/").status_code == 403
+    assert b"Usage dashboard" not in client.get("/admin/").content
+
+    staff.user_permissions.add(Permission.objects.get(codename="view_usagelog"))
+    client.force_login(django_user_model.objects.get(pk=staff.pk))  # a fresh permission cache
+    assert client.get("/admin/usage/").status_code == 200
+    assert client.get(f"/admin/usage/tenant/{alice.tenant.pk}/").status_code == 200
+    assert b"Usage dashboard" in client.get("/admin/").content
+
+
+@pytest.mark.django_db
+def test_it_answers_404_for_an_unknown_tenant(operator_client: Client) -> None:
+    assert operator_client.get("/admin/usage/tenant/999999/").status_code == 404
+
+
+# --- Figures -----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_it_shows_requests_tokens_errors_and_p95_per_day_for_a_tenant(
+    operator_client: Client, alice: Any, charlie: Any
+) -> None:
+    now = timezone.now()
+    for latency in range(10, 30):  # today: 20 requests, latencies 10..29 ms
+        log(alice.tenant, tokens=5, latency_ms=float(latency), created_at=now)
+    log(alice.tenant, tokens=0, status_code=429, error_type="rate_limit_exceeded", created_at=now)
+    log(alice.tenant, tokens=7, latency_ms=100.0, created_at=now - timedelta(days=1))
+    log(alice.tenant, tokens=1000, created_at=now - timedelta(days=40))  # outside the window
+    log(charlie.tenant, tokens=999, created_at=now)  # somebody else's
+
+    response = operator_client.get(f"/admin/usage/tenant/{alice.tenant.pk}/")
+
+    assert response.status_code == 200
+    window = response.context["window"]
+    today, yesterday = window.days[-1], window.days[-2]
+    assert len(window.days) == 30
+    assert today.day == now.astimezone(UTC).date()
+    assert (today.requests, today.tokens, today.errors) == (21, 100, 1)
+    # percentile_cont over 21 latencies: 10..29 and the refused request's 20.0
+    assert today.p95_latency_ms == pytest.approx(28.0)
+    assert (yesterday.requests, yesterday.tokens, yesterday.errors) == (1, 7, 0)
+    assert yesterday.p95_latency_ms == pytest.approx(100.0)
+    assert (window.requests, window.tokens, window.errors) == (22, 107, 1)
+    assert all(day.requests == 0 for day in window.days[:-2])
+
+    html = response.content.decode()
+    totals = metric_rows(html, "usage-totals")[0]
+    assert (number(totals["requests"]), number(totals["tokens"])) == (22, 107)
+    assert number(totals["errors"]) == 1
+    daily = {row["key"]: row for row in metric_rows(html, "usage-daily")}
+    assert number(daily[today.day.isoformat()]["requests"]) == 21
+    assert daily[today.day.isoformat()]["p95"] == "28.0 ms"
+    assert daily[yesterday.day.isoformat()]["tokens"] == "7"
+    assert "Charlie" not in html
+
+
+@pytest.mark.django_db
+def test_it_adds_every_tenant_up_on_the_overview(
+    operator_client: Client, alice: Any, charlie: Any
+) -> None:
+    now = timezone.now()
+    log(alice.tenant, tokens=30, created_at=now)
+    log(charlie.tenant, tokens=12, created_at=now)
+    log(charlie.tenant, tokens=0, status_code=503, error_type="service_unavailable")
+    log(None, tokens=0, status_code=401, error_type="authentication_error")
+
+    response = operator_client.get("/admin/usage/")
+
+    window = response.context["window"]
+    assert (window.requests, window.tokens, window.errors) == (4, 42, 2)
+    breakdowns = response.context["breakdowns"]
+    assert [(row.label, row.requests, row.tokens, row.errors) for row in breakdowns.endpoints] == [
+        ("embed", 4, 42, 2)
+    ]
+    assert {(row.status_code, row.error_type, row.count) for row in breakdowns.errors} == {
+        (503, "service_unavailable", 1),
+        (401, "authentication_error", 1),
+    }
+
+
+@pytest.mark.django_db
+def test_it_ranks_the_top_tenants_by_tokens_this_month(
+    operator_client: Client, alice: Any, charlie: Any
+) -> None:
+    quiet = services.create_tenant(name="Quiet tenant")
+    now = timezone.now()
+    month_start = datetime.combine(current_period_start(), datetime.min.time(), tzinfo=UTC)
+    log(alice.tenant, tokens=300, created_at=now)
+    log(alice.tenant, tokens=0, status_code=422, error_type="invalid_request_error")
+    log(charlie.tenant, tokens=200, created_at=now)
+    log(charlie.tenant, tokens=250, created_at=now)
+    # Last month counts in the 30 days but not in this month's ranking.
+    log(quiet, tokens=10_000, created_at=month_start - timedelta(seconds=1))
+
+    response = operator_client.get("/admin/usage/")
+
+    rows = metric_rows(response.content.decode(), "top-tenants")
+    assert [int(row["key"]) for row in rows] == [charlie.tenant.pk, alice.tenant.pk]
+    assert [
+        (number(row["tokens"]), number(row["requests"]), number(row["errors"])) for row in rows
+    ] == [
+        (450, 2, 0),
+        (300, 2, 1),
+    ]
+
+
+@pytest.mark.django_db
+def test_it_shows_quota_use_against_each_tenants_effective_quota(
+    operator_client: Client, alice: Any, charlie: Any, settings: Any
+) -> None:
+    settings.MONTHLY_TOKEN_QUOTA = 2_000_000
+    small = Plan.objects.create(name="small", monthly_token_quota=5_000)
+    charlie.tenant.plan = small
+    charlie.tenant.save()
+    override = services.create_tenant(name="Override tenant", plan=small)
+    override.monthly_token_quota = 1_000
+    override.save()
+    period = current_period_start()
+    QuotaPeriod.objects.create(tenant=alice.tenant, period_start=period, tokens=500_000, requests=9)
+    QuotaPeriod.objects.create(tenant=charlie.tenant, period_start=period, tokens=1_000, requests=3)
+    QuotaPeriod.objects.create(tenant=override, period_start=period, tokens=1_000, requests=4)
+    QuotaPeriod.objects.create(
+        tenant=override, period_start=period - timedelta(days=40), tokens=77, requests=1
+    )
+
+    overview = operator_client.get("/admin/usage/").content.decode()
+    rows = metric_rows(overview, "quota-use")
+
+    # Fullest first: the override (1,000 of 1,000), alice (default), charlie (plan).
+    assert [int(row["key"]) for row in rows] == [override.pk, alice.tenant.pk, charlie.tenant.pk]
+    assert [
+        (number(row["quota-tokens"]), number(row["quota-limit"]), row["quota-percent"])
+        for row in rows
+    ] == [(1_000, 1_000, "100.0%"), (500_000, 2_000_000, "25.0%"), (1_000, 5_000, "20.0%")]
+
+    page = operator_client.get(f"/admin/usage/tenant/{charlie.tenant.pk}/").content.decode()
+    quota = {key: value for row in metric_rows(page, "tenant-quota") for key, value in row.items()}
+    assert number(quota["quota-tokens"]) == 1_000
+    assert number(quota["quota-limit"]) == 5_000
+    assert number(quota["quota-remaining"]) == 4_000
+    assert number(quota["quota-requests"]) == 3
+
+
+# --- Percentiles -------------------------------------------------------------------------------
+
+
+def test_it_computes_percentiles_by_interpolating_between_ranks() -> None:
+    assert usage.percentile_cont([], 0.95) is None
+    assert usage.percentile_cont([42.0], 0.95) == 42.0
+    assert usage.percentile_cont([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
+    assert usage.percentile_cont([float(n) for n in range(1, 21)], 0.95) == pytest.approx(19.05)
+    assert usage.percentile_cont([1.0, 2.0], 1.0) == 2.0
+    assert usage.percentile_cont([1.0, 2.0], 0.0) == 1.0
+
+
+@pytest.mark.django_db
+def test_it_computes_p95_in_python_the_way_postgresql_does(alice: Any) -> None:
+    """The fallback for databases without percentile_cont (the embedded SQLite) agrees with
+    PostgreSQL day by day."""
+    rng = random.Random(3)
+    now = timezone.now()
+    for _ in range(400):
+        log(
+            alice.tenant,
+            latency_ms=round(rng.lognormvariate(3, 1), 3),
+            created_at=now - timedelta(days=rng.randint(0, 5), minutes=rng.randint(0, 600)),
+        )
+    logs = UsageLog.objects.all()
+
+    in_python = usage.daily_percentile_in_python(
+        logs.values_list("created_at", "latency_ms"), usage.LATENCY_PERCENTILE
+    )
+    in_postgresql = {
+        day.day: day.p95_latency_ms
+        for day in usage.usage_window(tenant=alice.tenant).days
+        if day.requests
+    }
+
+    assert connection.vendor == "postgresql"
+    assert in_python.keys() == in_postgresql.keys()
+    assert len(in_python) >= 5
+    for day, value in in_python.items():
+        assert value == pytest.approx(in_postgresql[day], rel=1e-9)
+    overall = logs.aggregate(p95=usage.PercentileCont("latency_ms", fraction=0.95))["p95"]
+    assert usage.percentile_cont(
+        list(logs.values_list("latency_ms", flat=True)), 0.95
+    ) == pytest.approx(overall)
+
+
+def test_it_renders_the_dashboard_on_the_embedded_sqlite_default(tmp_path: Path) -> None:
+    """SQLite has no percentile_cont: the pages must work there all the same."""
+    script = textwrap.dedent(
+        """
+        import django
+        django.setup()
+        from django.test.utils import setup_test_environment
+        setup_test_environment()  # the test client then records the template context
+        from datetime import timedelta
+        from django.core.management import call_command
+        from django.contrib.auth.models import User
+        from django.test import Client
+        from django.utils import timezone
+        from accounts import services
+        from accounts.models import UsageLog
+
+        call_command("migrate", verbosity=0)
+        tenant = services.create_tenant(name="Lite tenant")
+        now = timezone.now()
+        for n, latency in enumerate(range(10, 30)):
+            UsageLog.objects.create(tenant=tenant, endpoint="embed", tokens=5, status_code=200,
+                                    latency_ms=float(latency), request_id=f"r{n}", created_at=now)
+        UsageLog.objects.create(tenant=tenant, endpoint="embed", tokens=0, status_code=429,
+                                latency_ms=1.0, request_id="late",
+                                created_at=now - timedelta(days=2))
+        client = Client()
+        client.force_login(User.objects.create_superuser("op", "op@example.com", "pw"))
+        overview = client.get("/admin/usage/")
+        page = client.get(f"/admin/usage/tenant/{tenant.pk}/")
+        log = client.get("/admin/accounts/usagelog/")
+        window = page.context["window"]
+        print("STATUS", overview.status_code, page.status_code, log.status_code)
+        print("FIGURES", window.requests, window.tokens, window.errors,
+              window.days[-1].p95_latency_ms)
+        """
+    )
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="embedplatform.settings",
+        DATA_DIR=str(tmp_path),
+        ALLOWED_HOSTS="testserver",
+        MODEL_LOAD_ON_START="false",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "db.sqlite3").exists()
+    assert "STATUS 200 200 200" in result.stdout, result.stdout + result.stderr[-3000:]
+    # 10..29 ms: percentile_cont(0.95) = 10 + 0.95 * 19
+    assert "FIGURES 21 100 1 28.05" in result.stdout, result.stdout
+
+
+# --- Charts and links --------------------------------------------------------------------------
+
+
+def test_it_scales_chart_bars_to_the_busiest_day() -> None:
+    today = datetime(2026, 3, 31, tzinfo=UTC).date()
+    days = [
+        usage.DailyUsage(
+            day=today - timedelta(days=29 - n), requests=0, tokens=0, errors=0, p95_latency_ms=None
+        )
+        for n in range(30)
+    ]
+    days[-1] = usage.DailyUsage(day=today, requests=100, tokens=0, errors=25, p95_latency_ms=9.0)
+    days[-2] = usage.DailyUsage(
+        day=today - timedelta(days=1), requests=50, tokens=0, errors=0, p95_latency_ms=3.0
+    )
+
+    requests_chart = dashboard.usage_charts(
+        usage.UsageWindow(days=days, requests=150, tokens=0, errors=25, p95_latency_ms=8.0)
+    )[0]
+
+    busiest, second = requests_chart.bars[-1], requests_chart.bars[-2]
+    assert [rect.tone for rect in busiest.rects] == ["primary", "error"]
+    served, errors = busiest.rects
+    assert served.height == pytest.approx(3 * errors.height, rel=0.02)
+    assert second.rects[0].height == pytest.approx((served.height + errors.height) / 2, rel=0.02)
+    assert all(not bar.rects for bar in requests_chart.bars[:-2])
+    assert requests_chart.y_ticks[-1].label == "100"
+    assert requests_chart.x_ticks[-1].label == "Mar 31"
+    assert busiest.title == "Tue Mar 31: 100 requests, 25 errors"
+    assert [dashboard.nice_step(value) for value in (0, 7, 100, 450, 12_345)] == [
+        1.0,
+        2.0,
+        25.0,
+        200.0,
+        5_000.0,
+    ]
+
+
+@pytest.mark.django_db
+def test_it_draws_charts_on_the_server_with_nothing_fetched_from_elsewhere(
+    operator_client: Client, alice: Any, settings: Any
+) -> None:
+    settings.PROMETHEUS_URL = "http://prometheus.internal:9090"
+    log(alice.tenant, tokens=10)
+
+    for url in ("/admin/usage/", f"/admin/usage/tenant/{alice.tenant.pk}/"):
+        html = operator_client.get(url).content.decode()
+        charts = re.findall(r'<figure class="usage-chart[ "].*?</figure>', html, re.S)
+        assert len(charts) == 3
+        assert all(chart.count("<svg") == 1 and chart.count("<rect") > 30 for chart in charts)
+        # Scripts, styles and images all come from this server; the one way out is a link.
+        assert re.findall(r'(?:src|href)="((?:https?:)?//[^"]*)"', html) == [
+            "http://prometheus.internal:9090"
+        ]
+
+
+@pytest.mark.django_db
+def test_it_links_the_dashboard_from_every_admin_page(
+    operator_client: Client, settings: Any
+) -> None:
+    settings.PROMETHEUS_URL = "http://prometheus.internal:9090"
+    index = operator_client.get("/admin/").content.decode()
+    assert 'href="/admin/usage/"' in index
+    assert 'href="http://prometheus.internal:9090"' in index
+    tenants = operator_client.get("/admin/accounts/tenant/").content.decode()
+    assert 'href="/admin/usage/"' in tenants
+
+
+# --- Speed -------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_it_renders_every_usage_page_in_under_a_second_with_100k_rows(
+    operator_client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seeded = seed_usage(tenants=20, rows=100_000, days=30)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {UsageLog._meta.db_table}")  # as autovacuum does after a load
+    assert UsageLog.objects.count() == 100_000
+    busiest = seeded.tenants[-1]
+    pages = {
+        "dashboard": "/admin/usage/",
+        "tenant dashboard": f"/admin/usage/tenant/{busiest.pk}/",
+        "usage log": "/admin/accounts/usagelog/",
+        "usage log of a tenant": f"/admin/accounts/usagelog/?tenant__id__exact={busiest.pk}",
+        "usage log, failed, this month": "/admin/accounts/usagelog/?"
+        + urlencode(
+            {
+                "status": "server_error",
+                "created_at__gte": f"{current_period_start()} 00:00:00+00:00",
+                "created_at__lt": f"{next_period_start()} 00:00:00+00:00",
+            }
+        ),
+        "usage log search": "/admin/accounts/usagelog/?q=seed-7-0054321",
+        "tenants": "/admin/accounts/tenant/",
+    }
+    operator_client.get("/admin/")  # templates compiled, URLs resolved: the page, not the start
+
+    timings = {}
+    for name, url in pages.items():
+        started = time.perf_counter()
+        response = operator_client.get(url)
+        timings[name] = time.perf_counter() - started
+        assert response.status_code == 200, name
+
+    with capsys.disabled():
+        print("\nrender times with 100,000 usage rows:")
+        for name, seconds in timings.items():
+            print(f"  {name:32} {seconds * 1000:7.1f} ms")
+    assert {name: seconds for name, seconds in timings.items() if seconds >= 1.0} == {}
+
+    # And the figures are those of the database.
+    response = operator_client.get("/admin/usage/")
+    month_start = datetime.combine(current_period_start(), datetime.min.time(), tzinfo=UTC)
+    expected = list(
+        UsageLog.objects.filter(created_at__gte=month_start)
+        .values("tenant_id")
+        .annotate(tokens=Sum("tokens"), requests=Count("id"))
+        .order_by("-tokens")[:10]
+    )
+    rows = metric_rows(response.content.decode(), "top-tenants")
+    assert [(int(row["key"]), number(row["tokens"])) for row in rows] == [
+        (row["tenant_id"], row["tokens"]) for row in expected
+    ]
+    assert response.context["window"].requests == 100_000

