@@ -34,6 +34,8 @@ from accounts.selectors import current_period_start, effective_limits
 admin.site.site_header = "embedplatform administration"
 admin.site.site_title = "embedplatform admin"
 admin.site.index_title = "Operations"
+# "/" is no page of this service (it serves APIs), so no "View site" link.
+admin.site.site_url = None
 
 _LIMIT_FIELDS = (
     "requests_per_minute",
@@ -130,7 +132,7 @@ class TenantAdmin(admin.ModelAdmin):
     list_select_related = ("plan",)
     search_fields = ("name",)
     raw_id_fields = ("personal_owner",)
-    readonly_fields = ("created_at", "effective_limits", "api_keys")
+    readonly_fields = ("created_at", "effective_limits", "new_api_key")
     inlines = (MembershipInline, ApiKeyInline)
     actions = ("activate", "deactivate")
     fieldsets = (
@@ -142,7 +144,7 @@ class TenantAdmin(admin.ModelAdmin):
                 "description": "Empty means as the plan says.",
             },
         ),
-        ("API keys", {"fields": ("api_keys",)}),
+        ("API keys", {"fields": ("new_api_key",)}),
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
@@ -177,7 +179,7 @@ class TenantAdmin(admin.ModelAdmin):
         )
 
     @admin.display(description="New key")
-    def api_keys(self, tenant: Tenant) -> str:
+    def new_api_key(self, tenant: Tenant) -> str:
         if tenant.pk is None:
             return "Keys can be created once the tenant is saved."
         url = reverse("admin:accounts_apikey_add") + f"?tenant={tenant.pk}"

@@ -17,6 +17,8 @@ from rest_framework.request import Request
 
 from accounts import services
 from accounts.jwt import MAX_TOKEN_LENGTH, verify_supabase_token
+from accounts.permissions import requested_tenant
+from accounts.selectors import supabase_membership
 from accounts.services import Caller
 
 WWW_AUTHENTICATE = 'Bearer realm="api"'
@@ -115,10 +117,21 @@ class SupabaseJWTAuthentication(BearerAuthentication):
         if raw is None or services.looks_like_api_key(raw):
             return None
         claims = verify_supabase_token(raw)
-        user = services.provision_supabase_user(subject=claims.subject, email=claims.email)
+        # A known user's membership comes with the user in one query; the tenant is then
+        # resolved already. Otherwise: a new user (created here), or a case for resolve_tenant.
+        membership = supabase_membership(
+            subject=claims.subject, tenant_ref=requested_tenant(request)
+        )
+        if membership is not None:
+            user = membership.user
+            services.note_sign_in(identity=user.supabase_identity, email=claims.email)
+            caller = Caller(user=user, tenant=membership.tenant)
+        else:
+            user = services.provision_supabase_user(subject=claims.subject, email=claims.email)
+            caller = Caller(user=user)
         if not user.is_active:
             raise exceptions.AuthenticationFailed("This user is disabled.", code="user_inactive")
-        return user, Caller(user=user)
+        return user, caller
 
 
 class TenantSessionAuthentication(authentication.SessionAuthentication):

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from django.db import NotSupportedError, connection
 from django.db.models import Aggregate, Count, FloatField, Q, QuerySet, Sum
-from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from accounts.models import QuotaPeriod, Tenant, UsageLog
@@ -62,21 +61,6 @@ def percentile_cont(values: Sequence[float], fraction: float) -> float | None:
         return float(ordered[lower])
     weight = position - lower
     return float(ordered[lower] + (ordered[upper] - ordered[lower]) * weight)
-
-
-def daily_percentile_in_python(
-    rows: Iterable[tuple[datetime, float]], fraction: float
-) -> dict[date, float]:
-    """The fallback for databases without percentile_cont: per UTC day, the percentile of the
-    latencies of (created_at, latency_ms) rows."""
-    by_day: dict[date, list[float]] = defaultdict(list)
-    for created_at, latency_ms in rows:
-        by_day[created_at.astimezone(UTC).date()].append(latency_ms)
-    return {
-        day: value
-        for day, values in by_day.items()
-        if (value := percentile_cont(values, fraction)) is not None
-    }
 
 
 def _supports_percentile() -> bool:
@@ -140,7 +124,7 @@ def usage_window(
             "p95"
         ]
     else:
-        by_day, overall_p95 = _daily_usage_portable(logs)
+        by_day, overall_p95 = daily_usage_portable(logs, first_day=first_day, days=days)
     daily = [
         by_day.get(day) or DailyUsage(day=day, requests=0, tokens=0, errors=0, p95_latency_ms=None)
         for day in (first_day + timedelta(days=offset) for offset in range(days))
@@ -193,27 +177,34 @@ def _daily_usage_postgresql(
         }
 
 
-def _daily_usage_portable(logs: QuerySet[UsageLog]) -> tuple[dict[date, DailyUsage], float | None]:
-    """The same figures on any database: totals grouped by day in SQL, percentiles in Python."""
-    totals = (
-        logs.annotate(day=TruncDate("created_at", tzinfo=UTC))
-        .values("day")
-        .annotate(requests=Count("id"), tokens=Sum("tokens"), errors=Count("id", filter=_ERROR))
-        .order_by()
-    )
-    latencies = list(logs.values_list("created_at", "latency_ms").iterator(chunk_size=5000))
-    p95_by_day = daily_percentile_in_python(latencies, LATENCY_PERCENTILE)
-    by_day = {
-        row["day"]: DailyUsage(
-            day=row["day"],
-            requests=row["requests"],
-            tokens=row["tokens"] or 0,
-            errors=row["errors"],
-            p95_latency_ms=p95_by_day.get(row["day"]),
+def daily_usage_portable(
+    logs: QuerySet[UsageLog], *, first_day: date, days: int
+) -> tuple[dict[date, DailyUsage], float | None]:
+    """The same figures on any database (the embedded SQLite has no percentile_cont): per day,
+    over the created_at index, the totals in SQL and the latencies as bare floats, whose
+    percentiles Python computes. Grouping by a computed day instead would call SQLite's Python
+    date function on every row, and fetching datetimes would parse every one."""
+    by_day: dict[date, DailyUsage] = {}
+    every_latency: list[float] = []
+    for offset in range(days):
+        day = first_day + timedelta(days=offset)
+        start = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+        day_logs = logs.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1))
+        totals = day_logs.aggregate(
+            requests=Count("id"), tokens=Sum("tokens"), errors=Count("id", filter=_ERROR)
         )
-        for row in totals
-    }
-    return by_day, percentile_cont([latency for _, latency in latencies], LATENCY_PERCENTILE)
+        if not totals["requests"]:
+            continue
+        latencies = list(day_logs.values_list("latency_ms", flat=True).order_by())
+        every_latency.extend(latencies)
+        by_day[day] = DailyUsage(
+            day=day,
+            requests=totals["requests"],
+            tokens=totals["tokens"] or 0,
+            errors=totals["errors"],
+            p95_latency_ms=percentile_cont(latencies, LATENCY_PERCENTILE),
+        )
+    return by_day, percentile_cont(every_latency, LATENCY_PERCENTILE)
 
 
 @dataclass(frozen=True)

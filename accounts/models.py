@@ -101,6 +101,9 @@ class SupabaseIdentity(models.Model):
     email = models.EmailField(blank=True)
     last_seen_at = models.DateTimeField(default=timezone.now)
 
+    class Meta:
+        verbose_name_plural = "Supabase identities"
+
     def __str__(self) -> str:
         return self.email or self.subject
 
@@ -159,8 +162,15 @@ class UsageLog(models.Model):
     """One row per embed request that passed authentication. Served requests carry the tokens
     they were charged; refused ones carry zero and say why."""
 
+    # No index of its own: (tenant, created_at) serves every lookup by tenant, and each index
+    # costs a write on every request.
     tenant = models.ForeignKey(
-        Tenant, on_delete=models.CASCADE, null=True, blank=True, related_name="usage_logs"
+        Tenant,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="usage_logs",
+        db_index=False,
     )
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True

@@ -14,6 +14,11 @@ from accounts.services import Caller
 TENANT_HEADER = "HTTP_X_TENANT"
 
 
+def requested_tenant(request: Request) -> str | None:
+    """What the X-Tenant header asks for, if anything."""
+    return request.META.get(TENANT_HEADER, "").strip() or None
+
+
 def resolve_tenant(request: Request) -> Caller:
     """Fills in `request.auth.tenant`: an API key's own tenant; for a user, the tenant named by
     `X-Tenant` (its id) when the user is a member of it, else the user's default tenant.
@@ -22,7 +27,7 @@ def resolve_tenant(request: Request) -> Caller:
     caller = request.auth
     if not isinstance(caller, Caller):
         raise exceptions.NotAuthenticated()
-    requested = request.META.get(TENANT_HEADER, "").strip() or None
+    requested = requested_tenant(request)
     if caller.api_key is not None:
         if requested and requested != str(caller.api_key.tenant_id):
             raise exceptions.PermissionDenied(

@@ -70,11 +70,17 @@ def _consume_tokens(*, tenant_key: str, limit: int, tokens: int) -> tuple[int, i
     key = _make_cache_key(TOKENS_GROUP, window, rate, tenant_key, None)
     reset = window - int(time.time())
     try:
-        cache.add(key, 0, WINDOW_SECONDS + EXPIRATION_FUDGE)
-        count = cache.incr(key, tokens) if tokens else int(cache.get(key, 0))
-    except ValueError:  # the key expired between add and incr: a fresh window
-        cache.set(key, tokens, WINDOW_SECONDS + EXPIRATION_FUDGE)
-        count = tokens
+        if not tokens:
+            count = int(cache.get(key, 0))
+        else:
+            try:
+                # One round trip in the common case: the window's counter exists already.
+                count = cache.incr(key, tokens)
+            except ValueError:  # the window's first request (or its counter just expired)
+                if cache.add(key, tokens, WINDOW_SECONDS + EXPIRATION_FUDGE):
+                    count = tokens
+                else:  # another request created it in between
+                    count = cache.incr(key, tokens)
     except Exception as exc:
         raise CacheUnavailable(str(exc)) from exc
     if count > limit and tokens:

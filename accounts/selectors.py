@@ -53,10 +53,21 @@ def next_period_start(now: datetime | None = None) -> date:
     return (start + timedelta(days=32)).replace(day=1)
 
 
+def tenant_id_from(ref: str) -> int | None:
+    """The tenant id an operator or an X-Tenant header gives: plain ASCII digits that fit a
+    bigint. Anything else names no tenant (and must not reach the database as an out-of-range
+    integer)."""
+    ref = ref.strip()
+    if ref.isascii() and ref.isdigit() and len(ref) <= 18:
+        return int(ref)
+    return None
+
+
 def tenants_named(ref: str) -> list[Tenant]:
     """Tenants an operator means by `ref`: the one with that id, or those with that exact name."""
-    if ref.isascii() and ref.isdigit() and len(ref) <= 18:
-        by_id = list(Tenant.objects.filter(pk=int(ref)))
+    tenant_id = tenant_id_from(ref)
+    if tenant_id is not None:
+        by_id = list(Tenant.objects.filter(pk=tenant_id))
         if by_id:
             return by_id
     return list(Tenant.objects.filter(name=ref).order_by("pk"))
@@ -71,12 +82,29 @@ def membership_for(*, user: AbstractBaseUser, tenant_ref: str | None) -> Members
     user's default one."""
     memberships = Membership.objects.select_related("tenant", "tenant__plan").filter(user=user)
     if tenant_ref:
-        # Plain ASCII digits that fit a bigint; anything else names no tenant (and must not
-        # reach the database as an out-of-range integer).
-        if not (tenant_ref.isascii() and tenant_ref.isdigit() and len(tenant_ref) <= 18):
-            return None
-        return memberships.filter(tenant_id=int(tenant_ref)).first()
+        tenant_id = tenant_id_from(tenant_ref)
+        return None if tenant_id is None else memberships.filter(tenant_id=tenant_id).first()
     return memberships.order_by("-is_default", "created_at").first()
+
+
+def supabase_membership(*, subject: str, tenant_ref: str | None) -> Membership | None:
+    """The hot path of a Supabase user's request, in one query: the membership it acts through
+    (X-Tenant's, else the default one) with the user, the user's identity, the tenant and its
+    plan. None when there is no such membership, and the slower path has to find out why (a new
+    user, not a member, no default)."""
+    memberships = Membership.objects.select_related(
+        "user__supabase_identity", "tenant__plan"
+    ).filter(user__supabase_identity__subject=subject)
+    if tenant_ref:
+        tenant_id = tenant_id_from(tenant_ref)
+        if tenant_id is None:
+            return None
+        memberships = memberships.filter(tenant_id=tenant_id)
+    else:
+        memberships = memberships.filter(is_default=True)
+    # At most one row either way (unique constraints). No ORDER BY: with one, the planner may
+    # walk the whole membership table in id order looking for this user's row.
+    return next(iter(memberships.order_by()[:1]), None)
 
 
 def tenant_usage_summary(*, tenant: Tenant, days: int = 30) -> dict[str, Any]:

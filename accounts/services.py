@@ -104,6 +104,35 @@ def ensure_personal_tenant(*, user: AbstractBaseUser) -> Tenant:
     return tenant
 
 
+def supabase_username(subject: str) -> str:
+    """A unique username for a Supabase subject (a UUID in practice; any string up to 255)."""
+    username = f"supabase:{subject}"
+    if len(username) > 150:
+        username = f"supabase:sha256:{hashlib.sha256(subject.encode()).hexdigest()}"
+    return username
+
+
+def _create_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
+    for _ in range(2):
+        try:
+            with transaction.atomic():
+                user = User.objects.create(username=supabase_username(subject), email=email)
+                user.set_unusable_password()
+                user.save(update_fields=["password"])
+                SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
+                ensure_personal_tenant(user=user)
+                return user
+        except IntegrityError:
+            # A concurrent first request won; its rows are committed by now. (Should it have
+            # rolled back instead, there is nothing to read, and this one tries again.)
+            identity = (
+                SupabaseIdentity.objects.select_related("user").filter(subject=subject).first()
+            )
+            if identity is not None:
+                return identity.user
+    raise IntegrityError(f"could not provision the Supabase user {subject!r}")
+
+
 # How stale `SupabaseIdentity.last_seen_at` may get: one write a minute per active user at most.
 LAST_SEEN_PRECISION_SECONDS = 60
 
@@ -111,34 +140,31 @@ LAST_SEEN_PRECISION_SECONDS = 60
 def provision_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
     """The local user for a Supabase `sub`; on its first token, a new user with a personal tenant.
 
-    The hot path is one indexed SELECT (identity joined with its user). A new subject's user,
+    One indexed SELECT (identity joined with its user) for a known subject. A new subject's user,
     identity, personal tenant and membership are created in one transaction, so concurrent first
     requests make exactly one of each: the unique username and subject make every other insert
     fail, and the losers read the winner's committed rows. The e-mail follows the token's."""
     identity = SupabaseIdentity.objects.select_related("user").filter(subject=subject).first()
     if identity is None:
-        try:
-            with transaction.atomic():
-                user = User.objects.create(username=f"supabase:{subject}"[:150], email=email)
-                user.set_unusable_password()
-                user.save(update_fields=["password"])
-                identity = SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
-                ensure_personal_tenant(user=user)
-        except IntegrityError:
-            identity = SupabaseIdentity.objects.select_related("user").get(subject=subject)
-        return identity.user
+        return _create_supabase_user(subject=subject, email=email)
+    note_sign_in(identity=identity, email=email)
+    return identity.user
+
+
+def note_sign_in(*, identity: SupabaseIdentity, email: str) -> None:
+    """Keeps the e-mail in step with the token's, and `last_seen_at` to the minute; writes only
+    when one of them changed, so a known user's request costs no write."""
     user = identity.user
     now = timezone.now()
     changes: dict[str, object] = {}
     if email and identity.email != email:
-        changes["email"] = email
+        changes["email"] = identity.email = email
         User.objects.filter(pk=user.pk).update(email=email)
         user.email = email
     if (now - identity.last_seen_at).total_seconds() >= LAST_SEEN_PRECISION_SECONDS:
-        changes["last_seen_at"] = now
+        changes["last_seen_at"] = identity.last_seen_at = now
     if changes:
         SupabaseIdentity.objects.filter(pk=identity.pk).update(**changes)
-    return user
 
 
 # --- API keys ----------------------------------------------------------------------------------
@@ -219,14 +245,14 @@ def check_quota(*, tenant: Tenant, tokens: int) -> None:
     """Refuses, before the model runs, a request that cannot fit in this month's quota. The
     authoritative check happens again when charging, atomically."""
     quota = effective_limits(tenant).monthly_token_quota
-    spent = (
-        QuotaPeriod.objects.filter(tenant=tenant, period_start=current_period_start())
-        .values_list("tokens", flat=True)
-        .first()
-        or 0
-    )
+    spent = _spent(tenant=tenant, period_start=current_period_start())
     if spent + tokens > quota:
         raise _quota_exceeded(quota=quota, spent=spent, tokens=tokens)
+
+
+def _spent(*, tenant: Tenant, period_start: date) -> int:
+    rows = QuotaPeriod.objects.filter(tenant=tenant, period_start=period_start)
+    return next(iter(rows.values_list("tokens", flat=True).order_by()[:1]), 0)
 
 
 def _quota_exceeded(*, quota: int, spent: int, tokens: int) -> QuotaExceeded:
@@ -280,18 +306,12 @@ def charge_and_log(*, record: UsageRecord) -> UsageLog:
         if not charged:
             # Either the quota is spent, or this is the month's first charge and its row does
             # not exist yet; the unique (tenant, month) makes concurrent creators agree on one.
-            _, created = QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
-            if created:
-                charged = _charge(
-                    tenant=tenant, period_start=period_start, quota=quota, record=record
-                )
+            QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
+            # Again whether this request created the row or lost the race to one that did: the
+            # loser's get_or_create returns the winner's row, which it has not charged yet.
+            charged = _charge(tenant=tenant, period_start=period_start, quota=quota, record=record)
         if not charged:
-            spent = (
-                QuotaPeriod.objects.filter(tenant=tenant, period_start=period_start)
-                .values_list("tokens", flat=True)
-                .first()
-                or 0
-            )
+            spent = _spent(tenant=tenant, period_start=period_start)
             raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
         return _log(record, tokens=record.tokens)
 

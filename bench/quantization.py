@@ -48,7 +48,6 @@ _WORD_TEXT = (
     "news articles and internal documentation written by many different teams over the years"
 )
 _WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
-)
 
 
 @dataclass
@@ -187,7 +186,7 @@ def _run_one(
 
 def _format_table(results: list[Result]) -> str:
     header = (
-        f"{'model':<22} {'mode':<11} {'kernel':<12} {'load s':>6} {'base':>6} {'load':>6} "
+        f"{'model':<22} {'mode':<11} {'kernel':<16} {'load s':>6} {'base':>6} {'load':>6} "
         f"{'enc':>6} {'peak':>6} {'weights':>7} {'cos mean':>8} {'cos min':>8} "
         + " ".join(f"{'b' + str(bs) + '/s':>7}" for bs in BATCH_SIZES)
         + " "
@@ -206,7 +205,7 @@ def _format_table(results: list[Result]) -> str:
         ]
         failed = r.cos_mean is None or r.cos_mean < MIN_COSINE
         lines.append(
-            f"{label:<22} {mode:<11} {(r.int8_kernel or '-'):<12} {r.load_s:>6.1f} "
+            f"{label:<22} {mode:<11} {(r.int8_kernel or '-'):<16} {r.load_s:>6.1f} "
             f"{r.rss_base_mb:>6.0f} {r.rss_load_mb:>6.0f} {r.rss_encode_mb:>6.0f} "
             f"{r.rss_peak_mb:>6.0f} {r.weights_mb:>7.0f} "
             f"{(r.cos_mean if r.cos_mean is not None else float('nan')):>8.5f} "

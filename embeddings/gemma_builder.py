@@ -19,10 +19,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import Gemma3TextConfig, PreTrainedTokenizerFast
 
 __all__ = [
     "EMBEDDING_GEMMA_PROMPTS",
@@ -163,7 +166,7 @@ def _training_corpus() -> list[str]:
     return [line for line in _CORPUS for _ in range(4)]
 
 
-def build_tokenizer(*, model_max_length: int) -> Any:
+def build_tokenizer(*, model_max_length: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer in-process and wrap it as a transformers fast tokenizer.
 
     Byte-level BPE is used because its 256-byte base alphabet can encode *any* Unicode string
@@ -206,7 +209,7 @@ def build_tokenizer(*, model_max_length: int) -> Any:
     )
 
 
-def _gemma_config(spec: _Spec) -> Any:
+def _gemma_config(spec: _Spec) -> Gemma3TextConfig:
     from transformers import Gemma3TextConfig
 
     layer_types = [
@@ -299,8 +302,10 @@ def build_gemma_like_model(
         )
 
     config = _gemma_config(spec)
-    torch.manual_seed(seed)
-    backbone = Gemma3TextModel(config).to(torch.float32).eval()
+    # fork_rng: seeding must not reset the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = Gemma3TextModel(config).to(torch.float32).eval()
 
     # Transformer() can only load from a directory, so stage the backbone next to the target
     # (not in /tmp, which may be RAM-backed and the full model is 1.2 GB).
@@ -315,17 +320,18 @@ def build_gemma_like_model(
             max_seq_length=spec.max_position_embeddings,
             model_kwargs={"dtype": torch.float32},
         )
-        generator_state = torch.random.get_rng_state()
         # Separate, fixed stream for the heads so their init does not depend on backbone size.
-        torch.manual_seed(seed + 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            up = _dense(spec.hidden_size, spec.dense_size, config.initializer_range)
+            down = _dense(spec.dense_size, spec.hidden_size, config.initializer_range)
         modules: list[nn.Module] = [
             transformer,
             Pooling(spec.hidden_size, pooling_mode="mean", include_prompt=True),
-            _dense(spec.hidden_size, spec.dense_size, config.initializer_range),
-            _dense(spec.dense_size, spec.hidden_size, config.initializer_range),
+            up,
+            down,
             Normalize(),
         ]
-        torch.random.set_rng_state(generator_state)
         model = SentenceTransformer(
             modules=modules,
             device="cpu",
@@ -335,15 +341,9 @@ def build_gemma_like_model(
         )
         model.max_seq_length = spec.max_position_embeddings
         model.save(str(target))
-        del model, modules, transformer
+        del model, modules, transformer, up, down
         gc.collect()
 
-    # save() keeps stale weight files from an earlier build with another layout; none expected,
-    # but a leftover pytorch_model.bin would silently win over model.safetensors in some loaders.
-    for stale in ("pytorch_model.bin",):
-        stale_path = target / stale
-        if stale_path.exists():
-            stale_path.unlink()
     return target
 
 

@@ -4,16 +4,18 @@
 #
 #   export TOKEN="$(scripts/get_token.sh)"
 #
-# SUPABASE_URL and SUPABASE_ANON_KEY come from the environment, else from the project's .env.
+# SUPABASE_URL and SUPABASE_ANON_KEY come from the environment, else from the project's .env (or
+# the file ENV_FILE names, as for the service).
 # EMAIL and PASSWORD may be given in the environment; otherwise the script asks (the password
 # without echo). Needs only bash, curl and python3. The password never appears on a command line.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENV_FILE="${ENV_FILE:-$ROOT/.env}"
 
 from_env_file() {
     # The value of $1 in .env, quotes removed; empty when absent.
-    [ -f "$ROOT/.env" ] || return 0
+    [ -f "$ENV_FILE" ] || return 0
     NAME="$1" python3 -c '
 import os, sys
 name = os.environ["NAME"]
@@ -22,7 +24,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
     if sep and key.strip().removeprefix("export ").strip() == name:
         print(value.strip().strip("\"'"'"'"))
         break
-' "$ROOT/.env"
+' "$ENV_FILE"
 }
 
 SUPABASE_URL="${SUPABASE_URL:-$(from_env_file SUPABASE_URL)}"

@@ -84,6 +84,9 @@ class LoginRequest:
 class FakeSupabase:
     jwt_secret: str
     published: list[SigningKey] = field(default_factory=list)
+    # Entries served as they are, after the published keys: for keys a JWKS must not be trusted
+    # with (symmetric, for encryption, too weak).
+    raw_jwks_entries: list[dict[str, Any]] = field(default_factory=list)
     users: dict[str, tuple[str, str]] = field(default_factory=dict)
     login_requests: list[LoginRequest] = field(default_factory=list)
     jwks_requests: int = 0
@@ -92,7 +95,10 @@ class FakeSupabase:
     def __post_init__(self) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits up to one interval, once per test.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         now = int(time.time())
@@ -149,7 +155,7 @@ class FakeSupabase:
             self.published = [k for k in self.published if k.kid != key.kid]
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [key.public_jwk() for key in self.published]}
+        return {"keys": [*(key.public_jwk() for key in self.published), *self.raw_jwks_entries]}
 
     def project_key(self, role: str, now: int) -> str:
         """The project's legacy anon or service_role key: an HS256 JWT, as Supabase makes it."""

@@ -3,7 +3,7 @@ chromium-driver) driven by selenium against a live server, with screenshots in t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,37 +37,46 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Chromium under chromedriver. A machine without them fails the test, loudly: the admin is
-    only tested where a browser runs it."""
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-    if missing:
-        pytest.fail(
-            f"Headless Chromium is needed for the admin browser tests, and {', '.join(missing)} "
-            "is missing. Install Debian's packages: apt-get install -y chromium chromium-driver",
-            pytrace=False,
+def chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Any]]:
+    """Starts Chromium under chromedriver when the test asks, so that a machine without them
+    fails the test itself, loudly, rather than skipping it: the admin is tested in a browser."""
+    drivers: list[Any] = []
+
+    def start() -> Any:
+        missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+        if missing:
+            pytest.fail(
+                "Headless Chromium is needed for the admin browser tests, and "
+                f"{', '.join(missing)} is missing. Install Debian's packages: "
+                "apt-get install -y chromium chromium-driver",
+                pytrace=False,
+            )
+        try:
+            from selenium import webdriver
+            from selenium.webdriver.chrome.options import Options
+            from selenium.webdriver.chrome.service import Service
+        except ImportError:
+            pytest.fail(
+                "selenium is needed for the admin browser tests: "
+                "pip install -r requirements-dev.txt",
+                pytrace=False,
+            )
+        # Both paths are given, so selenium-manager has nothing to look up; offline all the same.
+        monkeypatch.setenv("SE_OFFLINE", "true")
+        options = Options()
+        options.binary_location = str(CHROMIUM)
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        options.add_argument(f"--user-data-dir={tmp_path / f'chromium-profile-{len(drivers)}'}")
+        driver = webdriver.Chrome(
+            service=Service(executable_path=str(CHROMEDRIVER)), options=options
         )
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.options import Options
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail(
-            "selenium is needed for the admin browser tests: pip install -r requirements-dev.txt",
-            pytrace=False,
-        )
-    # Both paths are given, so selenium-manager has nothing to look up; offline all the same.
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
+        drivers.append(driver)
+        driver.set_page_load_timeout(60)
+        return driver
+
+    yield start
+    for driver in drivers:
         driver.quit()
 
 
@@ -93,12 +102,13 @@ def metric(element: Any, name: str) -> str:
 
 @pytest.mark.django_db(transaction=True)
 def test_it_shows_an_operator_the_usage_dashboard_and_a_tenants_usage(
-    browser: Any, live_server: Any, output_dir: Path, django_user_model: Any
+    chromium: Callable[[], Any], live_server: Any, output_dir: Path, django_user_model: Any
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
+    browser = chromium()
     seed_usage(tenants=8, rows=4_000, days=30)
     django_user_model.objects.create_superuser("operator", "operator@example.com", PASSWORD)
     since = window_start()

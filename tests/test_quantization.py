@@ -60,16 +60,11 @@ def model_path(request: pytest.FixtureRequest, minilm_path: str, gemma_path: str
     return minilm_path if request.param == "minilm" else gemma_path
 
 
-_REFERENCES: dict[str, tuple[SentenceTransformer, np.ndarray]] = {}
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def reference(model_path: str) -> tuple[SentenceTransformer, np.ndarray]:
-    # fp32 reference per model, computed once for all modes.
-    if model_path not in _REFERENCES:
-        model, _ = _load(model_path, "fp32")
-        _REFERENCES[model_path] = (model, _encode(model))
-    return _REFERENCES[model_path]
+    """fp32 model and its embeddings, once per model for all modes."""
+    model, _ = _load(model_path, "fp32")
+    return model, _encode(model)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -128,16 +123,20 @@ def test_it_keeps_fp16_for_models_that_support_it(minilm_path: str) -> None:
     assert model[0].auto_model.encoder.layer[0].output.dense.weight.dtype == torch.float16
 
 
-@pytest.mark.parametrize("bad", ["int4", "", "FP8", "float64", "fp32 "])
+@pytest.mark.parametrize("bad", ["int4", "", "FP8", "float64", "fp32-fast"])
 def test_it_rejects_unknown_modes(minilm_path: str, bad: str) -> None:
-    if bad.strip().lower() == "fp32":
-        # Whitespace and case are tolerated (env vars), so this one is valid.
-        assert resolve_quantization(bad, model=SentenceTransformer(minilm_path)).mode == "fp32"
-        return
+    model = SentenceTransformer(minilm_path)
     with pytest.raises(ValueError, match=r"auto, int8, bf16, fp16, fp32"):
-        resolve_quantization(bad, model=SentenceTransformer(minilm_path))
+        resolve_quantization(bad, model=model)
+    # Rejected before any download or load is attempted.
     with pytest.raises(ValueError, match="int8"):
-        _load(minilm_path, bad)
+        _load("/nonexistent/model", bad)
+
+
+def test_it_tolerates_case_and_whitespace(minilm_path: str) -> None:
+    model = SentenceTransformer(minilm_path)
+    assert resolve_quantization(" FP32 ", model=model).mode == "fp32"
+    assert resolve_quantization("Int8", model=model).mode == "int8"
 
 
 def test_it_picks_bf16_or_int8_for_auto(minilm_path: str) -> None:
@@ -255,3 +254,37 @@ def test_it_applies_max_seq_length(minilm_path: str) -> None:
 def test_it_reports_resident_memory() -> None:
     rss = resident_memory_mb()
     assert 10 < rss < 100_000
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("positive", [False, True])
+def test_it_matches_fp32_linear_closely(kernel: str, positive: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=generator) * 0.05)
+        linear.weight[3].zero_()  # an all-zero output channel must not divide by zero
+    inputs = torch.randn(2, 5, 64, generator=generator)
+    if positive:  # like post-GELU activations, which the asymmetric range is for
+        inputs = inputs.abs()
+    expected = linear(inputs)
+    quantized = Int8Linear.from_linear(linear, kernel=kernel)  # type: ignore[arg-type]
+    actual = quantized(inputs)
+    assert actual.shape == expected.shape
+    assert actual.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.999
+    torch.testing.assert_close(actual[..., 3], expected[..., 3], atol=1e-5, rtol=0)
+
+
+def test_it_matches_gemma_scaled_embedding_lookup(gemma_path: str) -> None:
+    fp32, _ = _load(gemma_path, "fp32")
+    original = fp32[0].auto_model.embed_tokens
+    quantized = Int8Embedding.from_embedding(original)
+    ids = torch.tensor([[2, 10, 500, 4095, 0, 1]])
+    expected = original(ids)
+    actual = quantized(ids)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, atol=0.02 * expected.abs().max().item(), rtol=0)
+    # padding row (id 0) is zero in Gemma and must stay exactly zero
+    assert torch.count_nonzero(actual[0, 4]) == 0

@@ -1,0 +1,178 @@
+"""Monthly token quotas: a request that would pass the quota is refused with 429
+`insufficient_quota` before the model runs, months are calendar months in UTC, and what is
+charged always equals the usage log, even with 32 requests racing for the last tokens of a real
+gunicorn service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db.models import Sum
+from django.test import Client
+
+from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
+from accounts.selectors import current_period_start, effective_limits, next_period_start
+from tests.conftest import FakeEncoder, Person
+from tests.service import Service, start_service
+from tests.test_embed_api import assert_error
+
+
+def embed(person: Person, text: str = "hello world") -> Any:
+    # "hello world" is 4 tokens to the fake encoder: two words and two special tokens.
+    return Client().post(
+        "/embed", {"text": text}, content_type="application/json", **person.client_headers
+    )
+
+
+def spend(tenant: Tenant, tokens: int, *, month: date | None = None) -> None:
+    QuotaPeriod.objects.update_or_create(
+        tenant=tenant,
+        period_start=month or current_period_start(),
+        defaults={"tokens": tokens, "requests": 1},
+    )
+
+
+def set_quota(tenant: Tenant, tokens: int) -> None:
+    Tenant.objects.filter(pk=tenant.pk).update(monthly_token_quota=tokens)
+
+
+def charged(tenant: Tenant) -> int:
+    return QuotaPeriod.objects.get(tenant=tenant, period_start=current_period_start()).tokens
+
+
+def logged(tenant: Tenant) -> int:
+    return UsageLog.objects.filter(tenant=tenant).aggregate(total=Sum("tokens"))["total"] or 0
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_request_that_would_pass_the_quota_before_the_model_runs(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    set_quota(alice.tenant, 10)
+    spend(alice.tenant, 8)
+
+    response = embed(alice)
+
+    error = assert_error(response, 429, error_type="insufficient_quota", code="insufficient_quota")
+    assert "needs 4 tokens but only 2" in error["message"]
+    assert fake_encoder.texts_encoded == 0
+    assert charged(alice.tenant) == 8
+    (row,) = UsageLog.objects.all()
+    assert (row.status_code, row.tokens, row.error_type) == (429, 0, "insufficient_quota")
+
+
+@pytest.mark.django_db
+def test_it_serves_a_request_that_exactly_fills_the_quota_and_no_more(
+    alice: Person, bob: Person, fake_encoder: FakeEncoder
+) -> None:
+    set_quota(alice.tenant, 10)
+    spend(alice.tenant, 6)
+    assert embed(alice).status_code == 200
+    assert charged(alice.tenant) == 10
+    # The quota is the tenant's: bob, in alice's team, finds it spent too.
+    assert_error(embed(bob, "a"), 429, code="insufficient_quota")
+    assert fake_encoder.texts_encoded == 1
+
+
+@pytest.mark.django_db
+def test_it_starts_afresh_each_calendar_month(alice: Person, fake_encoder: FakeEncoder) -> None:
+    set_quota(alice.tenant, 10)
+    last_month = (current_period_start() - timedelta(days=1)).replace(day=1)
+    spend(alice.tenant, 10, month=last_month)
+    assert embed(alice).status_code == 200
+    assert charged(alice.tenant) == 4
+    assert QuotaPeriod.objects.get(tenant=alice.tenant, period_start=last_month).tokens == 10
+
+
+def test_it_counts_months_in_utc() -> None:
+    # 23:30 on 31 March in New York (UTC-4 then) is already April in UTC.
+    new_york_evening = datetime(2025, 3, 31, 23, 30, tzinfo=timezone(timedelta(hours=-4)))
+    assert current_period_start(new_york_evening) == date(2025, 4, 1)
+    assert current_period_start(datetime(2025, 4, 30, 23, 59, 59, tzinfo=UTC)) == date(2025, 4, 1)
+    assert next_period_start(datetime(2025, 12, 31, 12, tzinfo=UTC)) == date(2026, 1, 1)
+    assert next_period_start(datetime(2025, 1, 31, tzinfo=UTC)) == date(2025, 2, 1)
+
+
+@pytest.mark.django_db
+def test_it_takes_the_tenants_quota_over_the_plans_over_the_setting(
+    alice: Person, settings: Any
+) -> None:
+    settings.MONTHLY_TOKEN_QUOTA = 1000
+    assert effective_limits(alice.tenant).monthly_token_quota == 1000
+    plan = Plan.objects.create(name="small", monthly_token_quota=100)
+    Tenant.objects.filter(pk=alice.tenant.pk).update(plan=plan)
+    alice.tenant.refresh_from_db()
+    assert effective_limits(alice.tenant).monthly_token_quota == 100
+    set_quota(alice.tenant, 5)
+    alice.tenant.refresh_from_db()
+    assert effective_limits(alice.tenant).monthly_token_quota == 5
+
+
+@pytest.mark.django_db
+def test_it_charges_exactly_what_it_served(
+    alice: Person, bob: Person, charlie: Person, fake_encoder: FakeEncoder
+) -> None:
+    for person, text in [(alice, "a b c"), (bob, "d"), (charlie, "e f"), (alice, "g")]:
+        assert embed(person, text).status_code == 200
+    Client().post("/embed", {"text": ""}, content_type="application/json", **alice.client_headers)
+    assert charged(alice.tenant) == logged(alice.tenant) == 5 + 3 + 3
+    assert charged(charlie.tenant) == logged(charlie.tenant) == 4
+    period = QuotaPeriod.objects.get(tenant=alice.tenant)
+    assert period.requests == UsageLog.objects.filter(tenant=alice.tenant, tokens__gt=0).count()
+
+
+# --- Under real concurrency --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """gunicorn with two workers of 32 threads each, serving the bundled MiniLM."""
+    started = start_service(
+        tmp_path_factory.mktemp("quota"),
+        workers=2,
+        env={"MODEL_QUANTIZATION": "fp32", "RATE_LIMIT_PER_MIN": "10000"},
+    )
+    yield started
+    started.stop()
+
+
+@pytest.mark.service
+@pytest.mark.django_db(transaction=True)
+def test_it_never_charges_past_the_quota_with_32_concurrent_requests(
+    service: Service, alice: Person, tmp_path: Path
+) -> None:
+    headers = alice.headers
+    body = {"text": "the last tokens of the month"}
+    first = service.post("/embed", json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    per_request = first.json()["usage"]["total_tokens"]
+    # Room for exactly five more requests, and one token short of a sixth.
+    quota = per_request + 5 * per_request + (per_request - 1)
+    set_quota(alice.tenant, quota)
+
+    def send(_: int) -> Any:
+        return service.post("/embed", json=body, headers=headers)
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        responses = list(pool.map(send, range(32)))
+
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] * 5 + [429] * 27, [r.text for r in responses if r.status_code >= 500]
+    for response in responses:
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "insufficient_quota"
+    spent = charged(alice.tenant)
+    assert spent == 6 * per_request <= quota
+    assert spent == logged(alice.tenant)
+    rows = UsageLog.objects.filter(tenant=alice.tenant)
+    assert rows.count() == 33
+    assert rows.filter(status_code=200).count() == 6
+    assert set(rows.filter(status_code=429).values_list("tokens", "error_type")) == {
+        (0, "insufficient_quota")
+    }
+    assert QuotaPeriod.objects.get(tenant=alice.tenant).requests == 6

@@ -1,0 +1,266 @@
+"""Per-tenant requests-per-minute and tokens-per-minute limits, counted in Redis.
+
+Every embed response past the rate-limit step carries the x-ratelimit-* headers; a limited
+request gets 429 `rate_limit_exceeded` with Retry-After and costs no model work. When Redis is
+unreachable the service serves anyway (fail-open, the default) or refuses with 503
+(fail-closed), never hangs, and logs and counts the outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.test import Client
+from prometheus_client import REGISTRY
+
+from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
+from accounts.selectors import current_period_start
+from tests.conftest import FakeEncoder, Person
+from tests.service import ROOT, free_port
+from tests.test_embed_api import assert_error
+
+pytestmark = pytest.mark.django_db
+
+REQUEST_HEADERS = ("limit-requests", "remaining-requests", "reset-requests")
+TOKEN_HEADERS = ("limit-tokens", "remaining-tokens", "reset-tokens")
+ALL_HEADERS = [f"x-ratelimit-{name}" for name in (*REQUEST_HEADERS, *TOKEN_HEADERS)]
+
+
+def embed(person: Person, text: str = "hello world", **headers: Any) -> Any:
+    # "hello world" is 4 tokens to the fake encoder.
+    return Client().post(
+        "/embed",
+        {"text": text},
+        content_type="application/json",
+        **person.client_headers,
+        **headers,
+    )
+
+
+def limit(tenant: Tenant, *, requests: int | None = None, tokens: int | None = None) -> None:
+    Tenant.objects.filter(pk=tenant.pk).update(
+        requests_per_minute=requests, tokens_per_minute=tokens
+    )
+
+
+def seconds(value: str) -> int:
+    assert value.endswith("s"), value
+    return int(value[:-1])
+
+
+def test_it_sends_the_rate_limit_headers_with_every_response(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    limit(alice.tenant, requests=5, tokens=100)
+    first, second = embed(alice), embed(alice)
+    assert first.status_code == second.status_code == 200
+    assert first["x-ratelimit-limit-requests"] == "5"
+    assert first["x-ratelimit-remaining-requests"] == "4"
+    assert second["x-ratelimit-remaining-requests"] == "3"
+    assert first["x-ratelimit-limit-tokens"] == "100"
+    assert first["x-ratelimit-remaining-tokens"] == "96"
+    assert second["x-ratelimit-remaining-tokens"] == "92"
+    for response in (first, second):
+        assert 0 <= seconds(response["x-ratelimit-reset-requests"]) <= 60
+        assert 0 <= seconds(response["x-ratelimit-reset-tokens"]) <= 60
+
+
+def test_it_takes_the_default_plans_requests_per_minute_from_the_setting(
+    alice: Person, fake_encoder: FakeEncoder, settings: Any
+) -> None:
+    settings.RATE_LIMIT_PER_MIN = 7
+    assert alice.tenant.plan.requests_per_minute is None
+    assert embed(alice)["x-ratelimit-limit-requests"] == "7"
+
+
+def test_it_refuses_the_request_past_the_per_minute_limit_without_model_work(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    limit(alice.tenant, requests=2, tokens=1000)
+    assert embed(alice).status_code == embed(alice).status_code == 200
+
+    refused = embed(alice)
+
+    error = assert_error(refused, 429, error_type="rate_limit_exceeded", code="rate_limit_exceeded")
+    assert "2 requests per minute" in error["message"]
+    assert 1 <= int(refused["Retry-After"]) <= 60
+    assert refused["x-ratelimit-remaining-requests"] == "0"
+    assert set(ALL_HEADERS) <= {name.lower() for name in refused.headers}
+    assert fake_encoder.texts_encoded == 2
+    row = UsageLog.objects.get(status_code=429)
+    assert (row.tokens, row.error_type, row.tenant) == (0, "rate_limit_exceeded", alice.tenant)
+    assert QuotaPeriod.objects.get(tenant=alice.tenant).tokens == 8
+
+
+def test_it_limits_tokens_per_minute(alice: Person, fake_encoder: FakeEncoder) -> None:
+    limit(alice.tenant, requests=100, tokens=10)
+    assert embed(alice).status_code == 200  # 4 of 10
+    assert embed(alice).status_code == 200  # 8 of 10
+
+    refused = embed(alice)  # 12 would pass 10
+
+    error = assert_error(refused, 429, code="rate_limit_exceeded")
+    assert "10 tokens per minute" in error["message"]
+    assert refused["x-ratelimit-remaining-tokens"] == "2"
+    assert int(refused["Retry-After"]) >= 1
+    assert fake_encoder.texts_encoded == 2
+    # A request that can never fit says so, rather than "retry".
+    too_big = embed(alice, " ".join(["word"] * 20))
+    assert "send fewer texts" in assert_error(too_big, 429, code="rate_limit_exceeded")["message"]
+    assert fake_encoder.texts_encoded == 2
+
+
+def test_it_counts_each_tenant_on_its_own(
+    alice: Person, bob: Person, charlie: Person, fake_encoder: FakeEncoder
+) -> None:
+    limit(alice.tenant, requests=1)
+    assert embed(alice).status_code == 200
+    # bob acts for alice's team, so he shares its minute; charlie does not.
+    assert_error(embed(bob), 429, code="rate_limit_exceeded")
+    response = embed(charlie)
+    assert response.status_code == 200
+    assert response["x-ratelimit-remaining-requests"] == str(
+        int(response["x-ratelimit-limit-requests"]) - 1
+    )
+
+
+def test_it_sends_the_headers_on_a_quota_refusal_too(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    Tenant.objects.filter(pk=alice.tenant.pk).update(monthly_token_quota=3)
+    refused = embed(alice)
+    assert_error(refused, 429, error_type="insufficient_quota")
+    assert set(ALL_HEADERS) <= {name.lower() for name in refused.headers}
+    assert "Retry-After" not in refused
+
+
+def test_it_counts_a_shared_plans_limit_for_each_tenant_apart(
+    alice: Person, charlie: Person, fake_encoder: FakeEncoder
+) -> None:
+    plan = Plan.objects.create(name="tiny", requests_per_minute=1)
+    Tenant.objects.filter(pk__in=[alice.tenant.pk, charlie.tenant.pk]).update(plan=plan)
+    assert embed(alice).status_code == 200
+    assert embed(charlie).status_code == 200
+    assert_error(embed(alice), 429, code="rate_limit_exceeded")
+
+
+# --- Redis unreachable --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["refused", "silent"])
+def dead_redis(request: pytest.FixtureRequest, settings: Any) -> Iterator[str]:
+    """The cache pointed at a Redis that refuses connections, or at one that accepts them and
+    never answers (the case that hangs a service without socket timeouts)."""
+    listener = None
+    if request.param == "refused":
+        port = free_port()
+    else:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{port}/0",
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                "SOCKET_CONNECT_TIMEOUT": settings.REDIS_SOCKET_TIMEOUT,
+                "SOCKET_TIMEOUT": settings.REDIS_SOCKET_TIMEOUT,
+                "CONNECTION_POOL_KWARGS": {"retry_on_timeout": False},
+            },
+        }
+    }
+    yield request.param
+    if listener is not None:
+        listener.close()
+
+
+def backend_errors() -> float:
+    return REGISTRY.get_sample_value("embed_rate_limit_backend_errors_total") or 0.0
+
+
+def outage_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "rate_limit_backend_unavailable"]
+
+
+def test_it_serves_when_redis_is_unreachable_by_default(
+    alice: Person, fake_encoder: FakeEncoder, dead_redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    errors_before = backend_errors()
+    started = time.monotonic()
+    response = embed(alice)
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 200, response.content
+    assert elapsed < 1.5
+    assert "x-ratelimit-limit-requests" not in response
+    assert fake_encoder.texts_encoded == 1
+    assert backend_errors() == errors_before + 1
+    (record,) = outage_records(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.policy == "open"  # type: ignore[attr-defined]
+    assert UsageLog.objects.get().tokens == 4
+
+
+def test_it_refuses_with_503_when_redis_is_unreachable_and_failing_closed(
+    alice: Person,
+    fake_encoder: FakeEncoder,
+    dead_redis: str,
+    settings: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings.RATE_LIMIT_FAIL_OPEN = False
+    errors_before = backend_errors()
+    started = time.monotonic()
+    response = embed(alice)
+    elapsed = time.monotonic() - started
+
+    assert_error(response, 503, error_type="service_unavailable", code="rate_limit_unavailable")
+    assert elapsed < 1.5
+    assert fake_encoder.texts_encoded == 0
+    assert backend_errors() == errors_before + 1
+    (record,) = outage_records(caplog)
+    assert record.policy == "closed"  # type: ignore[attr-defined]
+    row = UsageLog.objects.get()
+    assert (row.status_code, row.tokens, row.error_type) == (503, 0, "service_unavailable")
+    assert not QuotaPeriod.objects.filter(
+        tenant=alice.tenant, period_start=current_period_start(), tokens__gt=0
+    ).exists()
+
+
+def start_log(**env: str) -> str:
+    """What the service logs at start (a serving process's app setup, without the model)."""
+    full_env = {
+        **os.environ,
+        "EMBEDPLATFORM_SERVING": "1",
+        "MODEL_LOAD_ON_START": "false",
+        **env,
+    }
+    full_env.pop("DJANGO_SETTINGS_MODULE", None)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def test_it_says_at_start_when_rate_limits_are_counted_per_process(tmp_path: Any) -> None:
+    sqlite = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    assert "rate_limits_use_local_cache" in start_log(REDIS_URL="", DATABASE_URL=sqlite)
+    assert "rate_limits_use_local_cache" not in start_log(
+        REDIS_URL="redis://127.0.0.1:6379/0", DATABASE_URL=sqlite
+    )
