@@ -90,6 +90,18 @@ def _consume_tokens(*, tenant_key: str, limit: int, tokens: int) -> tuple[int, i
     return count, reset, True
 
 
+def refund_tokens(*, tenant: Tenant, limits: Limits, tokens: int) -> None:
+    """Gives back the tokens of a request refused after the rate-limit step (by the quota): it
+    was never served, so it must not eat the tenant's per-minute token budget."""
+    if tokens <= 0:
+        return
+    tenant_key = f"tenant:{tenant.pk}"
+    rate = f"{limits.tokens_per_minute}/{WINDOW_SECONDS}s"
+    key = _make_cache_key(TOKENS_GROUP, _window_end(tenant_key), rate, tenant_key, None)
+    with contextlib.suppress(Exception):  # best effort, like the limit itself when Redis is down
+        caches[settings.RATELIMIT_USE_CACHE].decr(key, tokens)
+
+
 def _count_request(*, request: Request, tenant_key: str, limit: int) -> dict[str, int | bool]:
     try:
         usage = get_usage(

@@ -17,7 +17,7 @@ import numpy as np
 from rest_framework.request import Request
 
 from accounts import services as accounts
-from accounts.ratelimit import RateLimitState, enforce_rate_limits
+from accounts.ratelimit import RateLimitState, enforce_rate_limits, refund_tokens
 from accounts.selectors import effective_limits
 from embeddings.runtime import Runtime, get_runtime
 from embedplatform import metrics
@@ -167,6 +167,7 @@ def embed(
             accounts.check_quota(tenant=tenant, tokens=tokens)
     except QuotaExceeded:
         metrics.QUOTA_EXCEEDED.inc()
+        refund_tokens(tenant=tenant, limits=limits, tokens=tokens)
         raise
     try:
         with call.timed("model"):
@@ -183,6 +184,7 @@ def embed(
     except QuotaExceeded:
         call.tokens = 0
         metrics.QUOTA_EXCEEDED.inc()
+        refund_tokens(tenant=tenant, limits=limits, tokens=tokens)
         raise
     call.recorded = True
     metrics.TOKENS.labels(endpoint=call.endpoint).inc(tokens)

@@ -51,6 +51,9 @@ MODEL_INFO = Gauge(
     ["model", "dtype", "dimensions"],
     multiprocess_mode="max",
 )
+# "max" across gunicorn workers: one series, the slowest worker's load, not one per process id.
 MODEL_LOAD_SECONDS = Gauge(
-    "embed_model_load_seconds", "Seconds the last model load took.", multiprocess_mode="max"
+    "embed_model_load_seconds",
+    "Seconds the model load took (under gunicorn, the slowest worker's).",
+    multiprocess_mode="max",
 )

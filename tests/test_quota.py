@@ -176,3 +176,18 @@ def test_it_never_charges_past_the_quota_with_32_concurrent_requests(
         (0, "insufficient_quota")
     }
     assert QuotaPeriod.objects.get(tenant=alice.tenant).requests == 6
+
+
+@pytest.mark.django_db
+def test_it_leaves_the_minutes_token_budget_alone_when_the_quota_refuses(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    set_quota(alice.tenant, 10)
+    spend(alice.tenant, 8)
+    Tenant.objects.filter(pk=alice.tenant.pk).update(tokens_per_minute=100)
+    assert_error(embed(alice), 429, code="insufficient_quota")
+    set_quota(alice.tenant, 1000)
+    served = embed(alice)
+    assert served.status_code == 200
+    # Only the served request's 4 tokens count against the minute, not the refused one's.
+    assert served["x-ratelimit-remaining-tokens"] == "96"
