@@ -39,7 +39,7 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -239,7 +239,7 @@ class QuantizationInfo:
     Attributes:
         requested: The configured value.
         mode: The precision label to report ("int8", "bf16", "fp16" or "fp32").
-        warnings: Messages that were also logged at WARNING level.
+        warnings: Messages the caller should log at WARNING level (not logged here).
         reason: Why this mode was chosen.
         int8_kernel: For ``int8``, the matmul kernel used (see :data:`Int8Kernel`).
         native_bf16: Whether the CPU has native bf16 (drives ``auto``).
@@ -285,16 +285,11 @@ def _model_types(model: SentenceTransformer | PretrainedConfig) -> set[str]:
         model_type = getattr(model, "model_type", None)
         return {model_type} if isinstance(model_type, str) else set()
     types: set[str] = set()
-    for module in _iter_modules(model):
+    for module in model.children():
         config = getattr(getattr(module, "auto_model", None), "config", None)
         if config is not None and isinstance(getattr(config, "model_type", None), str):
             types.add(config.model_type)
     return types
-
-
-def _iter_modules(model: Any) -> Iterator[nn.Module]:
-    if isinstance(model, nn.Module):
-        yield from model.children()
 
 
 def resolve_quantization(
@@ -671,9 +666,9 @@ def _to_float32(value: Any) -> Any:
 
 
 def _cast_features_hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-    # The Transformer module returns a feature dict; everything after it (pooling, Dense heads,
-    # Normalize) then runs in fp32, which keeps outputs float32 and unit norm exact.
-    # The Transformer module returns a BatchEncoding, a UserDict rather than a dict.
+    # Casting the Transformer module's features makes everything after it (pooling, Dense heads,
+    # Normalize) run in fp32, which keeps outputs float32 and unit norm exact. The features are a
+    # BatchEncoding, a UserDict rather than a dict.
     if isinstance(output, MutableMapping):
         for key in ("token_embeddings", "sentence_embedding", "all_layer_embeddings"):
             if key in output:
@@ -759,9 +754,8 @@ def load_quantized_model(
         model_kwargs={"dtype": torch.float32},
     )
     model.eval()
+    # Warnings are returned, not logged here, so the caller logs them once in its own format.
     plan = resolve_quantization(quantization, model=model, native_bf16=native_bf16)
-    for message in plan.warnings:
-        logger.warning(message)
 
     kernel: Int8Kernel | None = None
     extra: dict[str, Any] = {}

@@ -34,7 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import environ  # noqa: E402
+
 from embedplatform.jsonlog import JsonFormatter  # noqa: E402
+
+# The same .env the Django settings read, so WEB_CONCURRENCY and friends can live there too.
+_env_file = Path(os.environ.get("ENV_FILE") or ROOT / ".env")
+if _env_file.is_file():
+    environ.Env.read_env(_env_file, overwrite=False)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -71,7 +78,7 @@ def _env_int(name: str, default: int) -> int:
 
 cores = available_cores()
 
-bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
+bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{os.environ.get('PORT') or '8000'}"
 workers = max(1, _env_int("WEB_CONCURRENCY", max(1, cores // 2)))
 worker_class = "gthread"
 threads = max(1, _env_int("GUNICORN_THREADS", 32))
@@ -151,7 +158,7 @@ class JsonLogger(Logger):
 logger_class = JsonLogger
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = (os.environ.get("LOG_LEVEL") or "info").lower()
 
 
 def on_starting(server: Any) -> None:

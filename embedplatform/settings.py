@@ -17,9 +17,13 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 # The process environment wins over the file, so containers and CI can always override it.
-env_file = Path(os.environ.get("ENV_FILE", BASE_DIR / ".env"))
+env_file = Path(os.environ.get("ENV_FILE") or BASE_DIR / ".env")
 if env_file.is_file():
     environ.Env.read_env(env_file, overwrite=False)
+# `NAME=` with nothing after it (as .env.example lists optional settings) means "not set": the
+# default applies, rather than an empty string or a failed int("").
+for _name in [name for name, value in os.environ.items() if value == "" and name.isupper()]:
+    del os.environ[_name]
 
 DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / "var")))
 
@@ -209,7 +213,7 @@ RATELIMIT_USE_CACHE = "default"
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 PROMETHEUS_URL = env.str("PROMETHEUS_URL", default="http://localhost:9090")
 PROMETHEUS_EXPORT_MIGRATIONS = False
-LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

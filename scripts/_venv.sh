@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by serve.sh and test.sh: creates .venv and installs a requirements file into it, once
 # per content of that file (a stamp keeps re-runs fast and idempotent).
 set -euo pipefail
@@ -11,8 +12,8 @@ ensure_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    local stamp="$VENV/.installed-$(basename "$requirements")"
-    local digest
+    local stamp digest
+    stamp="$VENV/.installed-$(basename "$requirements")"
     digest="$(cat "$ROOT/requirements.txt" "$ROOT/$requirements" | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
         "$VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade pip

@@ -3,6 +3,7 @@
 # With no configuration it runs on the embedded default: SQLite and secrets under var/, a local
 # cache and the bundled all-MiniLM-L6-v2. A .env file or the environment configures the rest.
 set -euo pipefail
+# shellcheck source=scripts/_venv.sh
 source "$(dirname "$0")/_venv.sh"
 ensure_venv requirements.txt
 cd "$ROOT"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive: headless Chromium and its driver (admin pages) and promtool
-# (prometheus.yml). Installed only when missing; needs root (or sudo) the first time.
+# (prometheus.yml), and curl for scripts/test_api.sh. Installed only when missing; needs root
+# (or sudo) the first time.
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi

@@ -3,6 +3,7 @@
 # linters from Debian when missing) and runs the whole suite against the machine's PostgreSQL and
 # Redis (DATABASE_URL and REDIS_URL override). Extra arguments go to pytest.
 set -euo pipefail
+# shellcheck source=scripts/_venv.sh
 source "$(dirname "$0")/_venv.sh"
 ensure_venv requirements-dev.txt
 "$ROOT/scripts/system_packages.sh"

@@ -191,3 +191,28 @@ def test_it_leaves_the_minutes_token_budget_alone_when_the_quota_refuses(
     assert served.status_code == 200
     # Only the served request's 4 tokens count against the minute, not the refused one's.
     assert served["x-ratelimit-remaining-tokens"] == "96"
+
+
+@pytest.mark.service
+@pytest.mark.django_db(transaction=True)
+def test_it_serves_a_fresh_tenants_simultaneous_first_requests_of_the_month(
+    service: Service, charlie: Person
+) -> None:
+    # Nobody has charged charlie's tenant this month: the month's quota row does not exist yet,
+    # and all 16 requests race to create it.
+    assert not QuotaPeriod.objects.filter(tenant=charlie.tenant).exists()
+    body = {"text": "first of the month"}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(
+            pool.map(
+                lambda _: service.post("/embed", json=body, headers=charlie.headers), range(16)
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 16, [r.text for r in responses]
+    period = QuotaPeriod.objects.get(tenant=charlie.tenant)
+    assert period.requests == 16
+    assert (
+        period.tokens
+        == logged(charlie.tenant)
+        == sum(r.json()["usage"]["total_tokens"] for r in responses)
+    )
