@@ -29,7 +29,7 @@ from accounts.models import (
     Tenant,
     UsageLog,
 )
-from accounts.selectors import current_period_start, effective_limits
+from accounts.selectors import current_period_start, effective_limits, quota_periods
 
 admin.site.site_header = "embedplatform administration"
 admin.site.site_title = "embedplatform admin"
@@ -77,7 +77,8 @@ class PlanAdmin(admin.ModelAdmin):
             {
                 "fields": _LIMIT_FIELDS,
                 "description": "Empty means the service-wide default from the environment "
-                "(RATE_LIMIT_PER_MIN, TOKENS_PER_MIN, MONTHLY_TOKEN_QUOTA, MAX_TEXTS_PER_REQUEST).",
+                "(RATE_LIMIT_PER_MIN, TOKENS_PER_MIN, MONTHLY_TOKEN_QUOTA, MAX_TEXTS_PER_REQUEST); "
+                "MAX_TEXTS_PER_REQUEST is also the most texts per request any plan can allow.",
             },
         ),
     )
@@ -148,9 +149,11 @@ class TenantAdmin(admin.ModelAdmin):
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
-        charged = QuotaPeriod.objects.filter(
-            tenant=OuterRef("pk"), period_start=current_period_start()
-        ).values("tokens")
+        charged = (
+            quota_periods(period_start=current_period_start())
+            .filter(tenant=OuterRef("pk"))
+            .values("tokens")
+        )
         return super().get_queryset(request).annotate(month_tokens=Subquery(charged))
 
     @admin.display(description="Tokens this month", ordering="month_tokens")

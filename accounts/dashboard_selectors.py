@@ -20,8 +20,8 @@ from django.db import NotSupportedError, connection
 from django.db.models import Aggregate, Count, FloatField, Q, QuerySet, Sum
 from django.utils import timezone
 
-from accounts.models import QuotaPeriod, Tenant, UsageLog
-from accounts.selectors import current_period_start, effective_limits
+from accounts.models import Tenant, UsageLog
+from accounts.selectors import current_period_start, effective_limits, period_use, quota_periods
 
 WINDOW_DAYS = 30
 LATENCY_PERCENTILE = 0.95
@@ -44,7 +44,9 @@ class PercentileCont(Aggregate):
 
     def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
         if connection.vendor != "postgresql":
-            raise NotSupportedError("percentile_cont needs PostgreSQL; use percentile_cont_of().")
+            raise NotSupportedError(
+                "PERCENTILE_CONT needs PostgreSQL; elsewhere, percentile_cont() computes it."
+            )
         return super().as_sql(compiler, connection, **extra_context)
 
 
@@ -261,9 +263,7 @@ def quota_use(*, limit: int = 50, now: datetime | None = None) -> tuple[list[Quo
     """This month's charged tokens against each tenant's effective quota, fullest first: the
     `limit` fullest, and how many tenants have been charged at all."""
     period_start = current_period_start(now)
-    periods = QuotaPeriod.objects.filter(period_start=period_start).select_related(
-        "tenant", "tenant__plan"
-    )
+    periods = quota_periods(period_start=period_start).select_related("tenant", "tenant__plan")
     uses = [
         QuotaUse(
             tenant=period.tenant,
@@ -280,12 +280,12 @@ def quota_use(*, limit: int = 50, now: datetime | None = None) -> tuple[list[Quo
 
 def tenant_quota_use(*, tenant: Tenant, now: datetime | None = None) -> QuotaUse:
     period_start = current_period_start(now)
-    period = QuotaPeriod.objects.filter(tenant=tenant, period_start=period_start).first()
+    use = period_use(tenant=tenant, period_start=period_start)
     return QuotaUse(
         tenant=tenant,
         period_start=period_start,
-        tokens=period.tokens if period else 0,
-        requests=period.requests if period else 0,
+        tokens=use.tokens,
+        requests=use.requests,
         quota=effective_limits(tenant).monthly_token_quota,
     )
 

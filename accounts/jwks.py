@@ -2,10 +2,11 @@
 
 Supabase publishes the public half of its asymmetric signing keys (ES256, RS256) at
 `<SUPABASE_URL>/auth/v1/.well-known/jwks.json`. Tokens name their key by `kid`. The key set is
-kept in memory for at most SUPABASE_JWKS_CACHE_SECONDS; a token with a `kid` the cache does not
-know triggers a refetch, at most once every SUPABASE_JWKS_REFETCH_SECONDS, so that a key rotation
-is picked up without a restart while a stream of tokens with made-up `kid`s cannot turn the
-service into a flood of requests to Supabase.
+kept in memory for at most SUPABASE_JWKS_CACHE_SECONDS, and never longer than ten minutes; a
+token with a `kid` the cache does not know triggers a refetch, at most once every
+SUPABASE_JWKS_REFETCH_SECONDS, so that a key rotation is picked up without a restart while a
+stream of tokens with made-up `kid`s cannot turn the service into a flood of requests to
+Supabase.
 
 Thread-safe for gthread workers: readers take the current key set without a lock (it is replaced
 whole, never mutated); one fetch runs at a time, and threads waiting for it reuse its result.
@@ -39,6 +40,9 @@ MAX_JWKS_BYTES = 256 * 1024
 # for its own timeout.
 FAILURE_BACKOFF_SECONDS = 5.0
 MIN_RSA_KEY_BITS = 2048
+# However long SUPABASE_JWKS_CACHE_SECONDS asks for: a key the project withdraws (a leaked one)
+# must stop verifying tokens within ten minutes.
+MAX_JWKS_CACHE_SECONDS = 600
 
 
 class JwksUnavailable(Exception):
@@ -182,7 +186,7 @@ def get_jwks_cache() -> JwksCache | None:
         return None
     config = (
         url,
-        settings.SUPABASE_JWKS_CACHE_SECONDS,
+        min(settings.SUPABASE_JWKS_CACHE_SECONDS, MAX_JWKS_CACHE_SECONDS),
         settings.SUPABASE_JWKS_REFETCH_SECONDS,
         settings.SUPABASE_JWKS_TIMEOUT_SECONDS,
         settings.SUPABASE_ANON_KEY,

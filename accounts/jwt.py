@@ -137,6 +137,9 @@ def _decode(token: str, key: Any, alg: str) -> dict[str, Any]:
 
 def _check_claims(claims: dict[str, Any]) -> SupabaseClaims:
     role = claims.get("role")
+    # Checked first: a list or object here would make the set lookup below raise TypeError.
+    if not isinstance(role, str | None):
+        _reject(f"The token's role must be {USER_ROLE!r}.", "invalid_role")
     if role in PROJECT_KEY_ROLES:
         _reject(
             f"This is the Supabase project's {role} key, not a user's access token; log in and "

@@ -8,7 +8,7 @@ from rest_framework import exceptions, permissions
 from rest_framework.request import Request
 
 from accounts import services
-from accounts.selectors import membership_for
+from accounts.selectors import membership_for, tenant_id_from
 from accounts.services import Caller
 
 TENANT_HEADER = "HTTP_X_TENANT"
@@ -29,7 +29,8 @@ def resolve_tenant(request: Request) -> Caller:
         raise exceptions.NotAuthenticated()
     requested = requested_tenant(request)
     if caller.api_key is not None:
-        if requested and requested != str(caller.api_key.tenant_id):
+        # Read as a user's X-Tenant is ("007" is tenant 7), so both kinds of caller agree.
+        if requested and tenant_id_from(requested) != caller.api_key.tenant_id:
             raise exceptions.PermissionDenied(
                 "An API key acts only for its own tenant; drop the X-Tenant header or send its "
                 "tenant's id.",
@@ -38,7 +39,9 @@ def resolve_tenant(request: Request) -> Caller:
         return caller
     if caller.tenant is not None:
         return caller  # resolved already, by the permission check
-    membership = membership_for(user=caller.user, tenant_ref=requested)
+    user = caller.user
+    assert user is not None, "authentication gives every caller without an API key its user"
+    membership = membership_for(user=user, tenant_ref=requested)
     if membership is not None:
         caller.tenant = membership.tenant
     elif requested:
@@ -49,7 +52,7 @@ def resolve_tenant(request: Request) -> Caller:
         )
     else:
         # A user with no membership at all (an admin removed it): a personal tenant again.
-        caller.tenant = services.ensure_personal_tenant(user=caller.user)
+        caller.tenant = services.ensure_personal_tenant(user=user)
     return caller
 
 

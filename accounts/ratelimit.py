@@ -1,7 +1,14 @@
 """Per-tenant requests-per-minute and tokens-per-minute limits in the shared cache (Redis).
 
-Requests are counted with django-ratelimit; tokens use the same fixed windows and cache keys but
-add a request's token count instead of one. Both are checked before the model runs.
+Two steps, both before the model runs:
+
+1. `count_request`, right after authentication: the request counts against requests per minute
+   (with django-ratelimit), whatever becomes of it later, so that even a stream of invalid
+   requests meets the limit; from here on every response carries the x-ratelimit-* headers.
+2. `consume_tokens`, once the texts are tokenized: their tokens count against tokens per minute,
+   in the same fixed windows, by adding the token count instead of one.
+
+A request refused after step 2 (quota, a failed model) gets its tokens back with `refund_tokens`.
 """
 
 from __future__ import annotations
@@ -30,14 +37,23 @@ REQUESTS_GROUP = "embed-requests"
 TOKENS_GROUP = "embed-tokens"
 
 
+class CacheUnavailable(Exception):
+    pass
+
+
 @dataclass
 class RateLimitState:
+    """Where a request stands against its tenant's limits, and what it has consumed."""
+
     limit_requests: int
     remaining_requests: int
     reset_requests_seconds: int
     limit_tokens: int
     remaining_tokens: int
     reset_tokens_seconds: int
+    # The token window this request charged, and how much, so a refund hits exactly that.
+    tokens_key: str
+    tokens_charged: int = 0
 
     def headers(self) -> dict[str, str]:
         return {
@@ -50,6 +66,10 @@ class RateLimitState:
         }
 
 
+def _tenant_key(tenant: Tenant) -> str:
+    return f"tenant:{tenant.pk}"
+
+
 def _window_end(key: str) -> int:
     # The same jittered window django-ratelimit uses, so both counters reset together.
     now = int(time.time())
@@ -57,134 +77,137 @@ def _window_end(key: str) -> int:
     return end + WINDOW_SECONDS if end < now else end
 
 
-class CacheUnavailable(Exception):
-    pass
-
-
-def _consume_tokens(*, tenant_key: str, limit: int, tokens: int) -> tuple[int, int, bool]:
-    """Adds `tokens` to this window's count unless that would pass `limit`.
-    Returns (count after, seconds to reset, allowed)."""
-    cache = caches[settings.RATELIMIT_USE_CACHE]
+def _tokens_key(tenant_key: str, limit: int) -> tuple[str, int]:
+    """The cache key of the current tokens window and the seconds until it resets."""
     window = _window_end(tenant_key)
     rate = f"{limit}/{WINDOW_SECONDS}s"
-    key = _make_cache_key(TOKENS_GROUP, window, rate, tenant_key, None)
-    reset = window - int(time.time())
+    return _make_cache_key(TOKENS_GROUP, window, rate, tenant_key, None), window - int(time.time())
+
+
+def _add_tokens(key: str, tokens: int) -> int:
+    """Adds `tokens` to a window's counter (0 just reads it); the count after."""
+    cache = caches[settings.RATELIMIT_USE_CACHE]
     try:
         if not tokens:
-            count = int(cache.get(key, 0))
-        else:
-            try:
-                # One round trip in the common case: the window's counter exists already.
-                count = cache.incr(key, tokens)
-            except ValueError:  # the window's first request (or its counter just expired)
-                if cache.add(key, tokens, WINDOW_SECONDS + EXPIRATION_FUDGE):
-                    count = tokens
-                else:  # another request created it in between
-                    count = cache.incr(key, tokens)
+            return int(cache.get(key, 0))
+        try:
+            # One round trip in the common case: the window's counter exists already.
+            return int(cache.incr(key, tokens))
+        except ValueError:  # the window's first request (or its counter just expired)
+            if cache.add(key, tokens, WINDOW_SECONDS + EXPIRATION_FUDGE):
+                return tokens
+            return int(cache.incr(key, tokens))  # another request created it in between
     except Exception as exc:
         raise CacheUnavailable(str(exc)) from exc
-    if count > limit and tokens:
-        with contextlib.suppress(Exception):  # best effort: the window ends soon anyway
-            cache.decr(key, tokens)  # give back what a refused request never used
-        return count - tokens, reset, False
-    return count, reset, True
 
 
-def refund_tokens(*, tenant: Tenant, limits: Limits, tokens: int) -> None:
-    """Gives back the tokens of a request refused after the rate-limit step (by the quota): it
-    was never served, so it must not eat the tenant's per-minute token budget."""
-    if tokens <= 0:
-        return
-    tenant_key = f"tenant:{tenant.pk}"
-    rate = f"{limits.tokens_per_minute}/{WINDOW_SECONDS}s"
-    key = _make_cache_key(TOKENS_GROUP, _window_end(tenant_key), rate, tenant_key, None)
-    with contextlib.suppress(Exception):  # best effort, like the limit itself when Redis is down
+def _take_back(key: str, tokens: int) -> None:
+    """Subtracts from a window's counter; a window that has expired meanwhile is left alone."""
+    with contextlib.suppress(Exception):  # best effort: the window ends within a minute anyway
         caches[settings.RATELIMIT_USE_CACHE].decr(key, tokens)
 
 
-def _count_request(*, request: Request, tenant_key: str, limit: int) -> dict[str, int | bool]:
-    try:
-        usage = get_usage(
-            request,
-            group=REQUESTS_GROUP,
-            key=lambda _group, _request: tenant_key,
-            rate=f"{limit}/{WINDOW_SECONDS}s",
-            increment=True,
-        )
-    except Exception as exc:
-        raise CacheUnavailable(str(exc)) from exc
-    if usage is None or usage.get("time_left", 0) < 0:
-        raise CacheUnavailable("the rate-limit cache did not answer")
-    return usage
-
-
-def enforce_rate_limits(
-    *, request: Request, tenant: Tenant, limits: Limits, tokens: int
-) -> RateLimitState | None:
-    """Counts this request and its tokens against the tenant's per-minute limits.
-
-    Raises RateLimitExceeded (429 with Retry-After) when either is spent. When the cache is
-    unreachable the request is served (fail-open, the default) or refused with 503 (fail-closed),
-    and either way the outage is logged and counted; the state is then None."""
-    tenant_key = f"tenant:{tenant.pk}"
-    try:
-        usage = _count_request(
-            request=request, tenant_key=tenant_key, limit=limits.requests_per_minute
-        )
-        request_count = int(usage["count"])
-        reset_requests = int(usage["time_left"])
-        if request_count > limits.requests_per_minute:
-            token_count, reset_tokens, _ = _consume_tokens(
-                tenant_key=tenant_key, limit=limits.tokens_per_minute, tokens=0
-            )
-            allowed = False
-            reason = "requests"
-        else:
-            token_count, reset_tokens, allowed = _consume_tokens(
-                tenant_key=tenant_key, limit=limits.tokens_per_minute, tokens=tokens
-            )
-            reason = "tokens"
-    except CacheUnavailable as exc:
-        metrics.RATE_LIMIT_BACKEND_ERRORS.inc()
-        fail_open = settings.RATE_LIMIT_FAIL_OPEN
-        logger.warning(
-            "rate_limit_backend_unavailable",
-            extra={"error": str(exc)[:200], "policy": "open" if fail_open else "closed"},
-        )
-        if fail_open:
-            return None
+def _backend_failed(exc: CacheUnavailable) -> None:
+    """Counts and logs a cache outage, then serves (fail-open) or refuses (fail-closed)."""
+    metrics.RATE_LIMIT_BACKEND_ERRORS.inc()
+    fail_open = settings.RATE_LIMIT_FAIL_OPEN
+    logger.warning(
+        "rate_limit_backend_unavailable",
+        extra={"error": str(exc)[:200], "policy": "open" if fail_open else "closed"},
+    )
+    if not fail_open:
         raise ServiceUnavailable(
             "Rate limiting is unavailable; try again shortly.", code="rate_limit_unavailable"
         ) from exc
+
+
+def _refuse(state: RateLimitState, message: str, retry_after: int) -> RateLimitExceeded:
+    metrics.RATE_LIMITED.inc()
+    retry_after = max(1, retry_after)
+    return RateLimitExceeded(
+        message.format(retry_after=retry_after),
+        code="rate_limit_exceeded",
+        headers={**state.headers(), "Retry-After": str(retry_after)},
+    )
+
+
+def count_request(*, request: Request, tenant: Tenant, limits: Limits) -> RateLimitState | None:
+    """Step 1: counts this request against the tenant's requests per minute.
+
+    Raises RateLimitExceeded (429 with Retry-After) when the minute's requests are spent. When
+    the cache is unreachable the outage is counted and logged, and the request goes on without
+    limits (None) or is refused with 503, as RATE_LIMIT_FAIL_OPEN says."""
+    tenant_key = _tenant_key(tenant)
+    try:
+        try:
+            usage = get_usage(
+                request,
+                group=REQUESTS_GROUP,
+                key=lambda _group, _request: tenant_key,
+                rate=f"{limits.requests_per_minute}/{WINDOW_SECONDS}s",
+                increment=True,
+            )
+        except Exception as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        if usage is None or usage.get("time_left", 0) < 0:
+            raise CacheUnavailable("the rate-limit cache did not answer")
+        tokens_key, reset_tokens = _tokens_key(tenant_key, limits.tokens_per_minute)
+        tokens_used = _add_tokens(tokens_key, 0)
+    except CacheUnavailable as exc:
+        _backend_failed(exc)
+        return None
     state = RateLimitState(
         limit_requests=limits.requests_per_minute,
-        remaining_requests=limits.requests_per_minute - request_count,
-        reset_requests_seconds=reset_requests,
+        remaining_requests=limits.requests_per_minute - int(usage["count"]),
+        reset_requests_seconds=int(usage["time_left"]),
         limit_tokens=limits.tokens_per_minute,
-        remaining_tokens=limits.tokens_per_minute - token_count,
+        remaining_tokens=limits.tokens_per_minute - tokens_used,
         reset_tokens_seconds=reset_tokens,
+        tokens_key=tokens_key,
     )
-    if not allowed:
-        metrics.RATE_LIMITED.inc()
-        retry_after = max(1, reset_requests if reason == "requests" else reset_tokens)
-        if reason == "requests":
-            message = (
-                f"Rate limit of {limits.requests_per_minute} requests per minute reached; "
-                f"retry in {retry_after} s."
-            )
-        elif tokens > limits.tokens_per_minute:
+    if int(usage["count"]) > limits.requests_per_minute:
+        raise _refuse(
+            state,
+            f"Rate limit of {limits.requests_per_minute} requests per minute reached; "
+            "retry in {retry_after} s.",
+            state.reset_requests_seconds,
+        )
+    return state
+
+
+def consume_tokens(*, state: RateLimitState | None, tokens: int) -> None:
+    """Step 2: counts the request's tokens against the tenant's tokens per minute, unless that
+    would pass the limit (429, nothing counted). No state means step 1 found the cache down."""
+    if state is None or tokens <= 0:
+        return
+    try:
+        used = _add_tokens(state.tokens_key, tokens)
+    except CacheUnavailable as exc:
+        _backend_failed(exc)
+        return
+    if used > state.limit_tokens:
+        _take_back(state.tokens_key, tokens)  # nothing of a refused request counts
+        state.remaining_tokens = state.limit_tokens - (used - tokens)
+        if tokens > state.limit_tokens:
             message = (
                 f"This request has {tokens} tokens, more than the tenant's limit of "
-                f"{limits.tokens_per_minute} tokens per minute; send fewer texts at once."
+                f"{state.limit_tokens} tokens per minute; send fewer texts at once."
             )
         else:
             message = (
-                f"Rate limit of {limits.tokens_per_minute} tokens per minute reached; "
-                f"retry in {retry_after} s."
+                f"Rate limit of {state.limit_tokens} tokens per minute reached; "
+                "retry in {retry_after} s."
             )
-        raise RateLimitExceeded(
-            message,
-            code="rate_limit_exceeded",
-            headers={**state.headers(), "Retry-After": str(retry_after)},
-        )
-    return state
+        raise _refuse(state, message, state.reset_tokens_seconds)
+    state.tokens_charged = tokens
+    state.remaining_tokens = state.limit_tokens - used
+
+
+def refund_tokens(*, state: RateLimitState | None) -> None:
+    """Gives back the tokens of a request refused after step 2 (its quota, a failed model):
+    it was never served, so it must not eat the minute's token budget."""
+    if state is None or not state.tokens_charged:
+        return
+    _take_back(state.tokens_key, state.tokens_charged)
+    state.remaining_tokens += state.tokens_charged
+    state.tokens_charged = 0

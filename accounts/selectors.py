@@ -8,11 +8,11 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, Sum
-from django.db.models.functions import TruncDate
+from django.db.models import QuerySet
 from django.utils import timezone
 
-from accounts.models import ApiKey, Membership, QuotaPeriod, Tenant, UsageLog
+from accounts.credential_cache import remembered
+from accounts.models import ApiKey, Membership, QuotaPeriod, Tenant
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,9 @@ class Limits:
 
 
 def effective_limits(tenant: Tenant) -> Limits:
-    """Tenant override, else the plan's value, else the service-wide setting."""
+    """Tenant override, else the plan's value, else the service-wide setting. The texts per
+    request are capped at MAX_TEXTS_PER_REQUEST whatever a plan or tenant says: that setting
+    bounds what one request may make a worker hold and encode."""
     plan = tenant.plan
 
     def pick(field: str, fallback: int) -> int:
@@ -38,7 +40,10 @@ def effective_limits(tenant: Tenant) -> Limits:
         requests_per_minute=pick("requests_per_minute", settings.RATE_LIMIT_PER_MIN),
         tokens_per_minute=pick("tokens_per_minute", settings.TOKENS_PER_MIN),
         monthly_token_quota=pick("monthly_token_quota", settings.MONTHLY_TOKEN_QUOTA),
-        max_texts_per_request=pick("max_texts_per_request", settings.MAX_TEXTS_PER_REQUEST),
+        max_texts_per_request=min(
+            pick("max_texts_per_request", settings.MAX_TEXTS_PER_REQUEST),
+            settings.MAX_TEXTS_PER_REQUEST,
+        ),
     )
 
 
@@ -92,46 +97,59 @@ def supabase_membership(*, subject: str, tenant_ref: str | None) -> Membership |
     (X-Tenant's, else the default one) with the user, the user's identity, the tenant and its
     plan. None when there is no such membership, and the slower path has to find out why (a new
     user, not a member, no default)."""
-    memberships = Membership.objects.select_related(
-        "user__supabase_identity", "tenant__plan"
-    ).filter(user__supabase_identity__subject=subject)
-    if tenant_ref:
-        tenant_id = tenant_id_from(tenant_ref)
-        if tenant_id is None:
-            return None
-        memberships = memberships.filter(tenant_id=tenant_id)
-    else:
-        memberships = memberships.filter(is_default=True)
-    # At most one row either way (unique constraints). No ORDER BY: with one, the planner may
-    # walk the whole membership table in id order looking for this user's row.
-    return next(iter(memberships.order_by()[:1]), None)
+
+    def load() -> Membership | None:
+        memberships = Membership.objects.select_related(
+            "user__supabase_identity", "tenant__plan"
+        ).filter(user__supabase_identity__subject=subject)
+        if tenant_ref:
+            tenant_id = tenant_id_from(tenant_ref)
+            if tenant_id is None:
+                return None
+            memberships = memberships.filter(tenant_id=tenant_id)
+        else:
+            memberships = memberships.filter(is_default=True)
+        # At most one row either way (unique constraints). No ORDER BY: with one, the planner
+        # may walk the whole membership table in id order looking for this user's row.
+        return next(iter(memberships.order_by()[:1]), None)
+
+    return remembered(("membership", subject, tenant_ref or ""), load)
+
+
+@dataclass(frozen=True)
+class PeriodUse:
+    """What a tenant has been charged in one quota period."""
+
+    tokens: int = 0
+    requests: int = 0
+
+
+def quota_periods(*, period_start: date) -> QuerySet[QuotaPeriod]:
+    """Every charged tenant's row of the period, for lists of many tenants. The quota charge
+    keeps these rows, so they, not the usage log, say what a tenant has spent; a tenant without
+    one has been charged nothing."""
+    return QuotaPeriod.objects.filter(period_start=period_start)
+
+
+def period_use(*, tenant: Tenant, period_start: date) -> PeriodUse:
+    """What `tenant` has been charged in the period that starts on `period_start`."""
+    rows = quota_periods(period_start=period_start).filter(tenant=tenant)
+    # At most one row (unique per tenant and period); no ORDER BY for the planner to honour.
+    row = next(iter(rows.values_list("tokens", "requests").order_by()[:1]), None)
+    return PeriodUse() if row is None else PeriodUse(tokens=row[0], requests=row[1])
 
 
 def tenant_usage_summary(*, tenant: Tenant, days: int = 30) -> dict[str, Any]:
     """What /usage shows a tenant about itself: limits, this period and the last `days` days."""
+    # Imported here because dashboard_selectors builds on this module.
+    from accounts.dashboard_selectors import usage_window
+
     limits = effective_limits(tenant)
     period_start = current_period_start()
-    period = QuotaPeriod.objects.filter(tenant=tenant, period_start=period_start).first()
-    spent = period.tokens if period else 0
-    served = period.requests if period else 0
-    today = timezone.now().astimezone(UTC).date()
-    since = today - timedelta(days=days - 1)
-    since_dt = datetime.combine(since, datetime.min.time(), tzinfo=UTC)
-    rows = (
-        UsageLog.objects.filter(tenant=tenant, created_at__gte=since_dt)
-        .annotate(day=TruncDate("created_at", tzinfo=UTC))
-        .values("day")
-        .annotate(requests=Count("id"), tokens=Sum("tokens"))
-        .order_by("day")
-    )
-    by_day = {row["day"]: row for row in rows}
+    use = period_use(tenant=tenant, period_start=period_start)
     daily = [
-        {
-            "date": day.isoformat(),
-            "requests": by_day.get(day, {}).get("requests", 0),
-            "tokens": by_day.get(day, {}).get("tokens", 0) or 0,
-        }
-        for day in (since + timedelta(days=offset) for offset in range(days))
+        {"date": day.day.isoformat(), "requests": day.requests, "tokens": day.tokens}
+        for day in usage_window(tenant=tenant, days=days).days
     ]
     return {
         "tenant": {"id": tenant.pk, "name": tenant.name, "is_active": tenant.is_active},
@@ -145,9 +163,9 @@ def tenant_usage_summary(*, tenant: Tenant, days: int = 30) -> dict[str, Any]:
         "period": {
             "start": period_start.isoformat(),
             "end": next_period_start().isoformat(),
-            "requests": served,
-            "tokens": spent,
-            "remaining_tokens": max(0, limits.monthly_token_quota - spent),
+            "requests": use.requests,
+            "tokens": use.tokens,
+            "remaining_tokens": max(0, limits.monthly_token_quota - use.tokens),
         },
         "daily": daily,
     }

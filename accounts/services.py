@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from accounts.credential_cache import remembered
 from accounts.models import (
     ApiKey,
     Membership,
@@ -25,7 +26,7 @@ from accounts.models import (
     Tenant,
     UsageLog,
 )
-from accounts.selectors import current_period_start, effective_limits
+from accounts.selectors import current_period_start, effective_limits, period_use
 from embedplatform.errors import QuotaExceeded
 
 User = get_user_model()
@@ -47,15 +48,27 @@ class Caller:
 # --- Plans and tenants -------------------------------------------------------------------------
 
 
+DEFAULT_PLAN_NAME = "default"
+
+
 def get_default_plan() -> Plan:
+    """The plan new tenants get. With none marked default (an operator unticked it to move the
+    default and has not ticked another yet), the plan named "default" becomes the default again,
+    created when there is none.
+
+    Safe under concurrency: get_or_create makes concurrent creators agree on one row, and the
+    one-default constraint makes a promotion fail when another plan became the default first;
+    either way the default is read again afterwards."""
     plan = Plan.objects.filter(is_default=True).first()
     if plan is not None:
         return plan
     try:
         with transaction.atomic():
-            return Plan.objects.create(name="default", is_default=True)
+            plan, _ = Plan.objects.get_or_create(name=DEFAULT_PLAN_NAME)
+            Plan.objects.filter(pk=plan.pk).update(is_default=True)
     except IntegrityError:
-        return Plan.objects.get(is_default=True)
+        pass  # another plan was made the default meanwhile; it is read below
+    return Plan.objects.get(is_default=True)
 
 
 def create_tenant(
@@ -213,11 +226,22 @@ def is_well_formed_api_key(raw: str) -> bool:
     return not head and bool(separator) and _API_KEY_BODY.fullmatch(rest) is not None
 
 
+def api_key_prefix(raw: str) -> str:
+    """A key's public prefix (`<API_KEY_PREFIX>_<12 hex>`, as the admin shows it), given the
+    whole key or the prefix itself."""
+    return raw[: len(settings.API_KEY_PREFIX) + 1 + _API_KEY_ID_LENGTH]
+
+
 def find_api_key(*, raw_key: str) -> ApiKey | None:
     """The key row for a presented secret, or None; the public prefix finds the row (a unique
     index), and the hashes are compared in constant time."""
-    prefix = raw_key[: len(settings.API_KEY_PREFIX) + 1 + _API_KEY_ID_LENGTH]
-    api_key = ApiKey.objects.select_related("tenant", "tenant__plan").filter(prefix=prefix).first()
+    prefix = api_key_prefix(raw_key)
+    api_key = remembered(
+        ("api-key", prefix),
+        lambda: (
+            ApiKey.objects.select_related("tenant", "tenant__plan").filter(prefix=prefix).first()
+        ),
+    )
     if api_key is None or not hmac.compare_digest(api_key.hashed_key, hash_api_key(raw_key)):
         return None
     return api_key
@@ -245,14 +269,9 @@ def check_quota(*, tenant: Tenant, tokens: int) -> None:
     """Refuses, before the model runs, a request that cannot fit in this month's quota. The
     authoritative check happens again when charging, atomically."""
     quota = effective_limits(tenant).monthly_token_quota
-    spent = _spent(tenant=tenant, period_start=current_period_start())
+    spent = period_use(tenant=tenant, period_start=current_period_start()).tokens
     if spent + tokens > quota:
         raise _quota_exceeded(quota=quota, spent=spent, tokens=tokens)
-
-
-def _spent(*, tenant: Tenant, period_start: date) -> int:
-    rows = QuotaPeriod.objects.filter(tenant=tenant, period_start=period_start)
-    return next(iter(rows.values_list("tokens", flat=True).order_by()[:1]), 0)
 
 
 def _quota_exceeded(*, quota: int, spent: int, tokens: int) -> QuotaExceeded:
@@ -311,7 +330,7 @@ def charge_and_log(*, record: UsageRecord) -> UsageLog:
             # loser's get_or_create returns the winner's row, which it has not charged yet.
             charged = _charge(tenant=tenant, period_start=period_start, quota=quota, record=record)
         if not charged:
-            spent = _spent(tenant=tenant, period_start=period_start)
+            spent = period_use(tenant=tenant, period_start=period_start).tokens
             raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
         return _log(record, tokens=record.tokens)
 

@@ -69,7 +69,6 @@ def in_process(model: str, quantization: str, seconds: float) -> dict[str, Any]:
         model_name=model,
         quantization=quantization,
         max_seq_length=2048,
-        max_batch_size=32,
         hf_token=os.environ.get("HF_TOKEN") or None,
     )
     texts = sentences(256)

@@ -4,6 +4,12 @@
 set -eu
 
 here="$(dirname "$0")"
+
+# `NAME=` lines of an env_file arrive as empty variables; they mean "not set" (gunicorn itself
+# would fail on an empty WEB_CONCURRENCY before reading its config).
+for name in $(env | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=$/\1/p'); do
+    unset "$name"
+done
 if [ "${RUN_MIGRATIONS:-true}" = "true" ]; then
     python "$here/migrate.py"
 fi

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,8 +154,7 @@ class Batcher:
             vectors = self._encode([job.texts[i] for job, i in batch], batch[0][0].prompt)
         except BaseException as exc:  # a failed pass fails the requests in it, not the thread
             for job, _ in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                _settle(job.future, exception=exc)
             return
         for (job, index), row in zip(batch, vectors, strict=True):
             if job.future.done():
@@ -163,4 +162,21 @@ class Batcher:
             job.rows[index] = row
             job.remaining -= 1
             if job.remaining == 0:
-                job.future.set_result(np.stack(job.rows))  # type: ignore[arg-type]
+                _settle(job.future, result=np.stack(job.rows))  # type: ignore[arg-type]
+
+
+def _settle(
+    future: Future[np.ndarray],
+    *,
+    result: np.ndarray | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    """Answers a request, unless it gave up meanwhile: a request that timed out cancels its
+    future from its own thread at any moment, and answering a cancelled future raises."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass

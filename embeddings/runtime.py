@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from django.conf import settings
 
 from embeddings.batching import Batcher
 from embedplatform import metrics
+from embedplatform.cpus import available_cores
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Encoder(Protocol):
     dimensions: int
     max_seq_length: int
     prompts: dict[str, str]
+    default_prompt_name: str | None
     vocab_size: int
 
     def count_tokens(self, texts: list[str], prompt: str) -> list[int]: ...
@@ -53,9 +55,7 @@ class SentenceTransformerEncoder:
     model: Any
     name: str
     dtype: str
-    max_batch_size: int
     load_seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def dimensions(self) -> int:
@@ -72,6 +72,10 @@ class SentenceTransformerEncoder:
     @property
     def prompts(self) -> dict[str, str]:
         return dict(self.model.prompts or {})
+
+    @property
+    def default_prompt_name(self) -> str | None:
+        return self.model.default_prompt_name
 
     @property
     def vocab_size(self) -> int:
@@ -125,10 +129,7 @@ def torch_threads() -> int:
     waits on the others (measured: 2 workers x 2 threads on 2 cores is 8x slower than 2 x 1)."""
     if settings.TORCH_THREADS > 0:
         return settings.TORCH_THREADS
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
-    return max(1, cores // max(1, settings.WEB_CONCURRENCY))
+    return max(1, available_cores() // max(1, settings.WEB_CONCURRENCY))
 
 
 def _explain_load_failure(source: str, exc: Exception) -> str:
@@ -161,7 +162,6 @@ def load_encoder(
     model_name: str,
     quantization: str,
     max_seq_length: int,
-    max_batch_size: int,
     hf_token: str | None,
     cache_folder: str | None = None,
 ) -> SentenceTransformerEncoder:
@@ -198,9 +198,7 @@ def load_encoder(
         model=model,
         name=served_model_name(),
         dtype=info.mode,
-        max_batch_size=max_batch_size,
         load_seconds=seconds,
-        warnings=list(info.warnings),
     )
 
 
@@ -262,7 +260,6 @@ def ensure_loaded() -> Runtime:
             model_name=settings.MODEL_NAME,
             quantization=settings.MODEL_QUANTIZATION,
             max_seq_length=settings.MAX_SEQ_LENGTH,
-            max_batch_size=settings.MAX_BATCH_SIZE,
             hf_token=settings.HF_TOKEN,
             cache_folder=settings.HF_HOME,
         )

@@ -17,7 +17,8 @@ import numpy as np
 from rest_framework.request import Request
 
 from accounts import services as accounts
-from accounts.ratelimit import RateLimitState, enforce_rate_limits, refund_tokens
+from accounts.models import Tenant
+from accounts.ratelimit import RateLimitState, consume_tokens, refund_tokens
 from accounts.selectors import effective_limits
 from embeddings.runtime import Runtime, get_runtime
 from embedplatform import metrics
@@ -60,6 +61,13 @@ class MeteredCall:
         phases = [f"{name};dur={value:.2f}" for name, value in self.timings.items()]
         return ", ".join([*phases, f"total;dur={self.elapsed_ms():.2f}"])
 
+    @property
+    def tenant(self) -> Tenant:
+        """The tenant the request acts for; set once authentication and permissions passed."""
+        assert self.caller is not None
+        assert self.caller.tenant is not None
+        return self.caller.tenant
+
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
 
@@ -96,7 +104,7 @@ def require_runtime() -> Runtime:
 def resolve_prompt(runtime: Runtime, prompt_name: str | None) -> str:
     prompts = runtime.encoder.prompts
     if prompt_name is None:
-        default = getattr(getattr(runtime.encoder, "model", None), "default_prompt_name", None)
+        default = runtime.encoder.default_prompt_name
         return prompts.get(default, "") if default else ""
     if prompt_name not in prompts:
         names = ", ".join(sorted(prompts)) or "none"
@@ -139,13 +147,12 @@ def embed(
     normalize: bool = True,
     param: str = "texts",
 ) -> EmbeddingResult:
+    """Serves one authenticated request whose request-per-minute count was taken already
+    (`accounts.ratelimit.count_request`, in the view)."""
     runtime = require_runtime()
-    call.model = runtime.encoder.name
-    call.inputs = len(texts)
-    assert call.caller is not None
-    tenant = call.caller.tenant
-    assert tenant is not None
+    tenant = call.tenant
     limits = effective_limits(tenant)
+    call.inputs = len(texts)
     if len(texts) > limits.max_texts_per_request:
         raise PayloadTooLarge(
             f"A request may carry at most {limits.max_texts_per_request} texts; this one has "
@@ -159,32 +166,27 @@ def embed(
         token_counts = runtime.encoder.count_tokens(texts, prompt)
     tokens = sum(token_counts)
     with call.timed("ratelimit"):
-        call.rate_limit = enforce_rate_limits(
-            request=call.request, tenant=tenant, limits=limits, tokens=tokens
-        )
+        consume_tokens(state=call.rate_limit, tokens=tokens)
     try:
         with call.timed("quota"):
             accounts.check_quota(tenant=tenant, tokens=tokens)
-    except QuotaExceeded:
-        metrics.QUOTA_EXCEEDED.inc()
-        refund_tokens(tenant=tenant, limits=limits, tokens=tokens)
-        raise
-    try:
         with call.timed("model"):
             vectors = runtime.embed(texts, prompt=prompt, token_counts=token_counts)
-    except FutureTimeout as exc:
-        raise ServiceUnavailable(
-            "The model is overloaded; try again shortly.", code="model_overloaded"
-        ) from exc
-    shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
-    call.tokens = tokens
-    try:
+        shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
+        call.tokens = tokens
         with call.timed("charge"):
             accounts.charge_and_log(record=call.usage_record(status_code=200))
-    except QuotaExceeded:
+    except BaseException as exc:
+        # Not served: the minute's token budget gets its tokens back, and the view logs the
+        # refusal with zero tokens.
         call.tokens = 0
-        metrics.QUOTA_EXCEEDED.inc()
-        refund_tokens(tenant=tenant, limits=limits, tokens=tokens)
+        refund_tokens(state=call.rate_limit)
+        if isinstance(exc, QuotaExceeded):
+            metrics.QUOTA_EXCEEDED.inc()
+        if isinstance(exc, FutureTimeout):
+            raise ServiceUnavailable(
+                "The model is overloaded; try again shortly.", code="model_overloaded"
+            ) from exc
         raise
     call.recorded = True
     metrics.TOKENS.labels(endpoint=call.endpoint).inc(tokens)

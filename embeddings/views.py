@@ -21,9 +21,17 @@ from rest_framework.views import APIView
 
 from accounts import services as accounts
 from accounts.permissions import HasActiveTenant
+from accounts.ratelimit import count_request
+from accounts.selectors import effective_limits
 from embeddings import serializers as io
 from embeddings.runtime import accepted_model_names, get_runtime
-from embeddings.services import MeteredCall, decode_token_inputs, embed, require_runtime
+from embeddings.services import (
+    EmbeddingResult,
+    MeteredCall,
+    decode_token_inputs,
+    embed,
+    require_runtime,
+)
 from embedplatform import metrics, openapi
 from embedplatform.browsable import BrowsableForm
 from embedplatform.errors import ModelNotFound, error_body
@@ -31,49 +39,70 @@ from embedplatform.errors import ModelNotFound, error_body
 logger = logging.getLogger(__name__)
 
 
-def validated(serializer_class: type[serializers.Serializer], request: Request) -> dict[str, Any]:
-    data = request.data
-    if not isinstance(data, dict):
-        raise exceptions.ParseError("The request body must be a JSON object.", code="invalid_body")
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    return dict(serializer.validated_data)
+def usage_of(result: EmbeddingResult) -> dict[str, int]:
+    # Embeddings have no completion: all tokens are prompt tokens.
+    return {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+
+
+def encode_base64(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
 class MeteredEmbedView(BrowsableForm, APIView):
-    """Base of the embed views: every request that passed authentication leaves one usage row
-    (served: charged; refused: zero tokens, with its error type), and every response is counted
-    in the metrics and carries the tenant's rate-limit headers."""
+    """Base of the embed views. A POST that passed authentication counts against the tenant's
+    requests per minute and leaves exactly one usage row (served: charged; refused: zero
+    tokens, with its error type); every POST is counted in the metrics, and from the rate-limit
+    step on its response carries the tenant's x-ratelimit-* headers.
+
+    Subclasses say which texts a valid body holds (`texts`) and how to answer (`render`)."""
 
     endpoint = ""
+    texts_param = "texts"
     permission_classes = [IsAuthenticated, HasActiveTenant]
-    call: MeteredCall
+    serializer_class: type[serializers.Serializer]
+    call: MeteredCall | None = None
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
-        self.call = MeteredCall(
+        if request.method != "POST":
+            # OPTIONS, or the browsable API's page: not an embed request, nothing to meter.
+            self.call = None
+            super().initial(request, *args, **kwargs)
+            return
+        runtime = get_runtime()
+        call = self.call = MeteredCall(
             request=request,
             caller=None,
             endpoint=self.endpoint,
             request_id=getattr(request._request, "request_id", ""),
+            model=runtime.encoder.name if runtime is not None else "",
         )
         # Authentication, tenant resolution and permissions: the identity layer's share.
-        with self.call.timed("auth"):
+        with call.timed("auth"):
             super().initial(request, *args, **kwargs)
+        with call.timed("ratelimit"):
+            call.rate_limit = count_request(
+                request=request, tenant=call.tenant, limits=effective_limits(call.tenant)
+            )
+
+    def perform_authentication(self, request: Request) -> None:
+        super().perform_authentication(request)
+        # Kept here, where authentication has just succeeded: finalize_response must never
+        # trigger authentication itself (that would run outside DRF's error handling).
+        if self.call is not None and isinstance(request.auth, accounts.Caller):
+            self.call.caller = request.auth
 
     def finalize_response(
         self, request: Request, response: Response, *args: Any, **kwargs: Any
     ) -> Response:
         response = super().finalize_response(request, response, *args, **kwargs)
-        call = getattr(self, "call", None)
+        call = self.call
         if call is None:
             return response
         error_type = ""
         if response.status_code >= 400:
             data = response.data if isinstance(response.data, dict) else {}
             error_type = str(data.get("error", {}).get("type", "error"))
-        caller = request.auth if isinstance(request.auth, accounts.Caller) else None
-        if caller is not None and not call.recorded:
-            call.caller = caller
+        if call.caller is not None and not call.recorded:
             call.tokens = 0
             accounts.log_refusal(
                 record=call.usage_record(status_code=response.status_code, error_type=error_type)
@@ -90,10 +119,30 @@ class MeteredEmbedView(BrowsableForm, APIView):
             metrics.ERRORS.labels(endpoint=self.endpoint, type=error_type).inc()
         return response
 
-    def caller(self) -> accounts.Caller:
-        assert isinstance(self.request.auth, accounts.Caller)
-        self.call.caller = self.request.auth
-        return self.request.auth
+    def post(self, request: Request) -> Response:
+        assert self.call is not None
+        if not isinstance(request.data, dict):
+            raise exceptions.ParseError(
+                "The request body must be a JSON object.", code="invalid_body"
+            )
+        serializer = self.serializer_class(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        result = embed(
+            call=self.call,
+            texts=self.texts(data),
+            prompt_name=data.get("prompt_name"),
+            dimensions=data.get("dimensions"),
+            normalize=data.get("normalize", True),
+            param=self.texts_param,
+        )
+        return Response(self.render(result, data))
+
+    def texts(self, data: dict[str, Any]) -> list[str]:
+        raise NotImplementedError
+
+    def render(self, result: EmbeddingResult, data: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
 
 @extend_schema(**openapi.EMBED)
@@ -102,28 +151,19 @@ class EmbedView(MeteredEmbedView):
     `dimensions` (keep the first N, Matryoshka) and `normalize`."""
 
     endpoint = "embed"
+    texts_param = "text"
     serializer_class = io.EmbedInputSerializer
 
-    def post(self, request: Request) -> Response:
-        self.caller()
-        data = validated(io.EmbedInputSerializer, request)
-        result = embed(
-            call=self.call,
-            texts=[data["text"]],
-            prompt_name=data.get("prompt_name"),
-            dimensions=data.get("dimensions"),
-            normalize=data["normalize"],
-            param="text",
-        )
-        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-        return Response(
-            {
-                "embedding": result.vectors[0].tolist(),
-                "model": result.model,
-                "dimensions": result.dimensions,
-                "usage": usage,
-            }
-        )
+    def texts(self, data: dict[str, Any]) -> list[str]:
+        return [data["text"]]
+
+    def render(self, result: EmbeddingResult, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "embedding": result.vectors[0].tolist(),
+            "model": result.model,
+            "dimensions": result.dimensions,
+            "usage": usage_of(result),
+        }
 
 
 @extend_schema(**openapi.BATCH_EMBED)
@@ -133,29 +173,16 @@ class BatchEmbedView(MeteredEmbedView):
     endpoint = "batch_embed"
     serializer_class = io.BatchEmbedInputSerializer
 
-    def post(self, request: Request) -> Response:
-        self.caller()
-        data = validated(io.BatchEmbedInputSerializer, request)
-        result = embed(
-            call=self.call,
-            texts=data["texts"],
-            prompt_name=data.get("prompt_name"),
-            dimensions=data.get("dimensions"),
-            normalize=data["normalize"],
-        )
-        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-        return Response(
-            {
-                "embeddings": result.vectors.tolist(),
-                "model": result.model,
-                "dimensions": result.dimensions,
-                "usage": usage,
-            }
-        )
+    def texts(self, data: dict[str, Any]) -> list[str]:
+        return list(data["texts"])
 
-
-def encode_base64(vector: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    def render(self, result: EmbeddingResult, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "embeddings": result.vectors.tolist(),
+            "model": result.model,
+            "dimensions": result.dimensions,
+            "usage": usage_of(result),
+        }
 
 
 @extend_schema(**openapi.OPENAI_EMBEDDINGS)
@@ -164,12 +191,11 @@ class OpenAIEmbeddingsView(MeteredEmbedView):
     `base_url=http://host:port/v1`."""
 
     endpoint = "openai_embeddings"
+    texts_param = "input"
     serializer_class = io.OpenAIEmbeddingInputSerializer
     name = "OpenAI embeddings"  # the browsable API's title ("Open Ai Embeddings" otherwise)
 
-    def post(self, request: Request) -> Response:
-        self.caller()
-        data = validated(io.OpenAIEmbeddingInputSerializer, request)
+    def texts(self, data: dict[str, Any]) -> list[str]:
         requested_model = data.get("model")
         served = require_runtime().encoder.name
         if requested_model and requested_model not in accepted_model_names(served):
@@ -179,15 +205,9 @@ class OpenAIEmbeddingsView(MeteredEmbedView):
                 code="model_not_found",
                 param="model",
             )
-        texts = decode_token_inputs(data["input"])
-        result = embed(
-            call=self.call,
-            texts=texts,
-            prompt_name=data.get("prompt_name"),
-            dimensions=data.get("dimensions"),
-            normalize=True,
-            param="input",
-        )
+        return decode_token_inputs(data["input"])
+
+    def render(self, result: EmbeddingResult, data: dict[str, Any]) -> dict[str, Any]:
         as_base64 = data["encoding_format"] == "base64"
         items = [
             {
@@ -197,17 +217,7 @@ class OpenAIEmbeddingsView(MeteredEmbedView):
             }
             for index, vector in enumerate(result.vectors)
         ]
-        return Response(
-            {
-                "object": "list",
-                "data": items,
-                "model": result.model,
-                "usage": {
-                    "prompt_tokens": result.prompt_tokens,
-                    "total_tokens": result.prompt_tokens,
-                },
-            }
-        )
+        return {"object": "list", "data": items, "model": result.model, "usage": usage_of(result)}
 
 
 @extend_schema(**openapi.HEALTH)

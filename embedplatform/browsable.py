@@ -37,8 +37,7 @@ class BrowsableForm:
 
     def http_method_not_allowed(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if request.method == "GET" and wants_browsable_page(request):
-            # A page view is not an API call: nothing to charge, log or count in the metrics.
-            self.call = None
+            # Only POSTs are metered (MeteredEmbedView.initial): this page costs nothing.
             return Response(
                 {
                     "usage": f"POST a JSON body to {request.path}: edit the example below and "

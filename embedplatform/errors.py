@@ -85,6 +85,17 @@ class QuotaExceeded(ApiError):
     error_type = INSUFFICIENT_QUOTA
 
 
+def request_too_large() -> PayloadTooLarge:
+    """The one 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, wherever it is noticed."""
+    from django.conf import settings
+
+    return PayloadTooLarge(
+        f"The request body is larger than the {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes the "
+        "server accepts.",
+        code="request_too_large",
+    )
+
+
 def error_body(
     message: str, *, error_type: str, code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
@@ -122,7 +133,6 @@ _DEFAULTS: dict[type[exceptions.APIException], tuple[str, str]] = {
     exceptions.NotAcceptable: (INVALID_REQUEST, "not_acceptable"),
     exceptions.UnsupportedMediaType: (INVALID_REQUEST, "unsupported_media_type"),
     exceptions.ParseError: (INVALID_REQUEST, "invalid_json"),
-    exceptions.Throttled: (RATE_LIMIT, RATE_LIMIT),
 }
 
 
@@ -152,8 +162,6 @@ def describe(exc: exceptions.APIException) -> tuple[int, dict[str, Any], dict[st
         headers["WWW-Authenticate"] = 'Bearer realm="api"'
         # DRF downgrades 401 to 403 when no authenticator names a scheme; we always have one.
         exc.status_code = status.HTTP_401_UNAUTHORIZED
-    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-        headers["Retry-After"] = str(max(1, int(exc.wait)))
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     return exc.status_code, error_body(detail, error_type=error_type, code=code), headers
 
@@ -168,47 +176,60 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
     elif isinstance(exc, RequestDataTooBig):
-        exc = PayloadTooLarge(
-            "The request body is larger than the server accepts.", code="request_too_large"
-        )
+        exc = request_too_large()
     if not isinstance(exc, exceptions.APIException):
         view = context.get("view")
         logger.exception("unhandled_error", extra={"view": type(view).__name__})
         set_rollback()
-        body = error_body(
-            "The server failed to process the request.", error_type=SERVER_ERROR, code=None
-        )
-        return Response(body, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
+        return Response(SERVER_ERROR_BODY, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
     status_code, body, headers = describe(exc)
     set_rollback()
     return Response(body, status=status_code, headers=headers)
 
 
-def _json_error(status_code: int, message: str, error_type: str, code: str) -> JsonResponse:
-    return JsonResponse(error_body(message, error_type=error_type, code=code), status=status_code)
+def json_error(
+    status_code: int,
+    message: str,
+    *,
+    error_type: str,
+    code: str,
+    headers: dict[str, str] | None = None,
+) -> JsonResponse:
+    """The common shape for plain Django views and handlers, outside DRF."""
+    body = error_body(message, error_type=error_type, code=code)
+    return JsonResponse(body, status=status_code, headers=headers)
+
+
+def _from_api_error(exc: exceptions.APIException) -> JsonResponse:
+    status_code, body, headers = describe(exc)
+    return JsonResponse(body, status=status_code, headers=headers)
+
+
+SERVER_ERROR_BODY = error_body(
+    "The server failed to process the request.", error_type=SERVER_ERROR, code="internal_error"
+)
 
 
 # Django-level handlers for requests that never reach a DRF view (unknown paths, middleware errors).
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     if isinstance(exception, RequestDataTooBig):
-        return _json_error(
-            413,
-            "The request body is larger than the server accepts.",
-            INVALID_REQUEST,
-            "request_too_large",
-        )
-    return _json_error(400, "The request could not be understood.", INVALID_REQUEST, "bad_request")
+        return _from_api_error(request_too_large())
+    return json_error(
+        400, "The request could not be understood.", error_type=INVALID_REQUEST, code="bad_request"
+    )
 
 
 def permission_denied(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return _json_error(403, "You do not have permission to do this.", PERMISSION, "forbidden")
+    return json_error(
+        403, "You do not have permission to do this.", error_type=PERMISSION, code="forbidden"
+    )
 
 
 def page_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return _json_error(404, f"No such endpoint: {request.path}", NOT_FOUND, "not_found")
+    return json_error(
+        404, f"No such endpoint: {request.path}", error_type=NOT_FOUND, code="not_found"
+    )
 
 
 def server_error(request: HttpRequest) -> JsonResponse:
-    return _json_error(
-        500, "The server failed to process the request.", SERVER_ERROR, "internal_error"
-    )
+    return JsonResponse(SERVER_ERROR_BODY, status=500)

@@ -18,9 +18,7 @@ GUNICORN_GRACEFUL_TIMEOUT seconds), then exits 0. Every log line, access lines i
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -36,39 +34,13 @@ if str(ROOT) not in sys.path:
 
 import environ  # noqa: E402
 
+from embedplatform.cpus import available_cores  # noqa: E402
 from embedplatform.jsonlog import JsonFormatter  # noqa: E402
 
 # The same .env the Django settings read, so WEB_CONCURRENCY and friends can live there too.
 _env_file = Path(os.environ.get("ENV_FILE") or ROOT / ".env")
 if _env_file.is_file():
     environ.Env.read_env(_env_file, overwrite=False)
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
-    """CPUs allowed by the cgroup quota (v2, then v1), or None when unlimited."""
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
-
-
-def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    limit = cgroup_cpu_limit(cgroup_root)
-    if limit is not None:
-        # Rounded up, as the JVM and Go do: a 1.5-CPU limit still runs two threads usefully.
-        cores = min(cores, max(1, math.ceil(limit)))
-    return cores
 
 
 def _env_int(name: str, default: int) -> int:
@@ -156,21 +128,18 @@ class JsonLogger(Logger):
 
 
 logger_class = JsonLogger
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
+# Unset: stdout. Set but empty: no access log (gunicorn needs None for that, not "").
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
 errorlog = "-"
 loglevel = (os.environ.get("LOG_LEVEL") or "info").lower()
 
 
 def on_starting(server: Any) -> None:
     # Samples left by a previous run would be added to this one's.
-    if os.path.isdir(_metrics_dir):
-        for entry in os.listdir(_metrics_dir):
-            path = os.path.join(_metrics_dir, entry)
-            if os.path.isfile(path):
-                os.remove(path)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+    # Only prometheus_client's own *.db files: a mis-set folder must not lose anything else.
     os.makedirs(_metrics_dir, exist_ok=True)
+    for stale in Path(_metrics_dir).glob("*.db"):
+        stale.unlink(missing_ok=True)
     server.log.info(
         "gunicorn_settings",
         extra={

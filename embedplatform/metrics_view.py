@@ -10,11 +10,11 @@ from __future__ import annotations
 import hmac
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django_prometheus.exports import ExportToDjangoView
 
-from embedplatform.errors import AUTHENTICATION, INVALID_REQUEST, error_body
+from embedplatform.errors import AUTHENTICATION, INVALID_REQUEST, json_error
 
 
 def _presented_token(request: HttpRequest) -> str:
@@ -34,25 +34,19 @@ def scrape_allowed(request: HttpRequest) -> bool:
 @csrf_exempt
 def metrics_view(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
-        response = JsonResponse(
-            error_body(
-                f"Method {request.method} is not allowed on /metrics; use GET.",
-                error_type=INVALID_REQUEST,
-                code="method_not_allowed",
-            ),
-            status=405,
+        return json_error(
+            405,
+            f"Method {request.method} is not allowed on /metrics; use GET.",
+            error_type=INVALID_REQUEST,
+            code="method_not_allowed",
+            headers={"Allow": "GET, HEAD"},
         )
-        response["Allow"] = "GET, HEAD"
-        return response
     if not scrape_allowed(request):
-        response = JsonResponse(
-            error_body(
-                "GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`.",
-                error_type=AUTHENTICATION,
-                code="invalid_metrics_token",
-            ),
-            status=401,
+        return json_error(
+            401,
+            "GET /metrics needs `Authorization: Bearer <METRICS_TOKEN>`.",
+            error_type=AUTHENTICATION,
+            code="invalid_metrics_token",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
         )
-        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
-        return response
     return ExportToDjangoView(request)

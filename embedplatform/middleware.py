@@ -1,20 +1,24 @@
-"""Request correlation: every response carries an `x-request-id`, and the usage log stores it."""
+"""Middleware of our own: request ids, probes by IP, and chunked request bodies."""
 
 from __future__ import annotations
 
+import io
 import re
 import uuid
 from collections.abc import Callable
 
-from django.http import HttpRequest, HttpResponse
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from embedplatform.errors import describe, request_too_large
 
 # Accept a caller's id only when it is short and plain, so it is safe to log and to echo back.
-_ACCEPTABLE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id_for(request: HttpRequest) -> str:
     supplied = request.META.get("HTTP_X_REQUEST_ID", "")
-    if _ACCEPTABLE_REQUEST_ID.match(supplied):
+    if _ACCEPTABLE_REQUEST_ID.fullmatch(supplied):
         return supplied
     return uuid.uuid4().hex
 
@@ -28,3 +32,43 @@ class RequestIdMiddleware:
         response = self.get_response(request)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
         return response
+
+
+# Probes address a replica by its IP (Prometheus by DNS service discovery, container health
+# checks by 127.0.0.1, load balancers by backend address), never by the public name that
+# ALLOWED_HOSTS lists. These paths build no URL from the Host header, so checking it protects
+# nothing there and would only make every probe a 400.
+PROBE_PATHS = frozenset({"/health", "/metrics"})
+
+
+class ProbeHostMiddleware:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path_info in PROBE_PATHS:
+            host = request.META.get("HTTP_HOST") or request.META.get("SERVER_NAME", "")
+            request.get_host = lambda: host  # type: ignore[method-assign]
+        return self.get_response(request)
+
+
+class ChunkedBodyMiddleware:
+    """Gives a chunked request body (no Content-Length) a length, as DRF reads a body without
+    one as empty: the body is read up to DATA_UPLOAD_MAX_MEMORY_SIZE (more is a 413)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        meta = request.META
+        if "chunked" in meta.get("HTTP_TRANSFER_ENCODING", "").lower() and not meta.get(
+            "CONTENT_LENGTH"
+        ):
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            body = meta["wsgi.input"].read(limit + 1)
+            if len(body) > limit:
+                status_code, payload, headers = describe(request_too_large())
+                return JsonResponse(payload, status=status_code, headers=headers)
+            meta["CONTENT_LENGTH"] = str(len(body))
+            request._stream = io.BytesIO(body)  # type: ignore[attr-defined]
+        return self.get_response(request)

@@ -60,8 +60,9 @@ Send `Authorization: Bearer <credential>`. The credential is either of:
 
 A missing, malformed, expired, revoked or invalid credential is answered 401 with
 `WWW-Authenticate: Bearer realm="api"`; the error's `code` says which
-(`missing_credentials`, `malformed_credentials`, `invalid_token`, `token_expired`,
-`invalid_api_key`, `revoked_api_key`, `expired_api_key`, ...)."""
+(`missing_credentials`, `malformed_credentials`, `malformed_token`, `invalid_signature`,
+`token_expired`, `invalid_audience`, `invalid_issuer`, `not_a_user_token`, `invalid_api_key`,
+`revoked_api_key`, `expired_api_key`, ...)."""
 
 SESSION_DESCRIPTION = """\
 For staff in the browsable API: log in at `/admin/login/`, then open an endpoint in the browser.
@@ -391,10 +392,10 @@ ERRORS: dict[int, tuple[str, list[OpenApiExample]]] = {
                 "missing_credentials",
             ),
             _error_example(
-                "Invalid token",
-                "Invalid token: Signature verification failed",
+                "Invalid signature",
+                "The token's signature is not valid.",
                 AUTH,
-                "invalid_token",
+                "invalid_signature",
             ),
             _error_example("Expired token", "The token has expired.", AUTH, "token_expired"),
             _error_example("Invalid API key", "Invalid API key.", AUTH, "invalid_api_key"),
@@ -778,6 +779,7 @@ def _metrics_operation() -> dict[str, Any]:
         "`embed_request_duration_seconds{endpoint}`, `embed_errors_total{endpoint,type}`, "
         "`embed_tokens_total{endpoint}`, `embed_inputs_total`, `embed_batch_size`, "
         "`embed_queue_wait_seconds`, `embed_rate_limited_total`, `embed_quota_exceeded_total`, "
+        "`embed_rate_limit_backend_errors_total`, "
         "`embed_model_info{model,dtype,dimensions}`, `embed_model_load_seconds`, and "
         "django-prometheus' request, database and cache metrics. No metric has a tenant label.",
         "tags": ["Operations"],
@@ -789,7 +791,8 @@ def _metrics_operation() -> dict[str, Any]:
                 "content": {
                     "text/plain": {
                         "schema": {"type": "string"},
-                        "example": "# HELP embed_requests_total Embed API requests.\n"
+                        "example": "# HELP embed_requests_total Embedding requests answered, "
+                        "by endpoint and HTTP status.\n"
                         "# TYPE embed_requests_total counter\n"
                         'embed_requests_total{endpoint="embed",status="200"} 42.0\n',
                     }

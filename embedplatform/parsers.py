@@ -1,8 +1,8 @@
 """A JSON parser that refuses oversized bodies and bad encodings with clear errors.
 
 DRF's own parser reads the WSGI stream directly, which bypasses Django's
-DATA_UPLOAD_MAX_MEMORY_SIZE check; this one enforces it (413) whether or not the client sent a
-Content-Length.
+DATA_UPLOAD_MAX_MEMORY_SIZE check; this one enforces it (413) on what it reads, whatever the
+Content-Length said (a chunked body gets its length from ChunkedBodyMiddleware).
 """
 
 from __future__ import annotations
@@ -14,19 +14,11 @@ from django.conf import settings
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
-from embedplatform.errors import PayloadTooLarge
+from embedplatform.errors import request_too_large
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def too_large() -> PayloadTooLarge:
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    return PayloadTooLarge(
-        f"The request body is larger than the {limit} bytes the server accepts.",
-        code="request_too_large",
-    )
 
 
 class BoundedJSONParser(JSONParser):
@@ -34,7 +26,7 @@ class BoundedJSONParser(JSONParser):
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         raw = stream.read(limit + 1) if stream is not None else b""
         if len(raw) > limit:
-            raise too_large()
+            raise request_too_large()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -46,4 +38,8 @@ class BoundedJSONParser(JSONParser):
         except ValueError as exc:
             raise ParseError(
                 f"The request body is not valid JSON: {exc}", code="invalid_json"
+            ) from exc
+        except RecursionError as exc:  # [[[[...]]]] deeper than Python's stack
+            raise ParseError(
+                "The request body is not valid JSON: it is nested too deeply.", code="invalid_json"
             ) from exc

@@ -76,6 +76,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "embedplatform.middleware.RequestIdMiddleware",
+    "embedplatform.middleware.ProbeHostMiddleware",
+    "embedplatform.middleware.ChunkedBodyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Static files (admin, browsable API, Swagger UI and ReDoc) from this process, DEBUG or not.
     "embedplatform.staticfiles.StaticFilesMiddleware",
@@ -200,6 +202,10 @@ SUPABASE_JWKS_REFETCH_SECONDS = env.int("SUPABASE_JWKS_REFETCH_SECONDS", default
 SUPABASE_JWKS_TIMEOUT_SECONDS = env.float("SUPABASE_JWKS_TIMEOUT_SECONDS", default=2.0)
 ALLOW_ANONYMOUS_USERS = env.bool("ALLOW_ANONYMOUS_USERS", default=False)
 API_KEY_PREFIX = env.str("API_KEY_PREFIX", default="emb")
+# Seconds a worker may reuse who a credential is (user, membership, tenant, plan, API key) before
+# asking the database again; 0 asks every time. Saved changes clear the worker's memory at once,
+# other workers follow within this time (a revoked key, a deactivated tenant, a new plan).
+AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
 
 # --- Plans, quotas and rate limits ------------------------------------------------------------
 RATE_LIMIT_PER_MIN = env.int("RATE_LIMIT_PER_MIN", default=60)

@@ -37,6 +37,7 @@ class FakeEncoder:
     dimensions = 16
     max_seq_length = 64
     prompts = {"query": "query: ", "document": "doc: "}
+    default_prompt_name = None
     vocab_size = 1000
 
     def __init__(self) -> None:
@@ -76,7 +77,7 @@ def fake_encoder() -> Iterator[FakeEncoder]:
 def minilm_encoder() -> runtime.SentenceTransformerEncoder:
     """The bundled all-MiniLM-L6-v2, loaded once for the session."""
     return runtime.load_encoder(
-        model_name="", quantization="fp32", max_seq_length=256, max_batch_size=32, hf_token=None
+        model_name="", quantization="fp32", max_seq_length=256, hf_token=None
     )
 
 
@@ -101,7 +102,6 @@ def gemma_encoder(gemma_tiny_path: Path) -> runtime.SentenceTransformerEncoder:
         model_name=str(gemma_tiny_path),
         quantization="fp32",
         max_seq_length=2048,
-        max_batch_size=32,
         hf_token=None,
     )
 
@@ -199,3 +199,20 @@ def supabase(settings: Any) -> Iterator[Any]:
     with FakeSupabase(jwt_secret=settings.SUPABASE_JWT_SECRET) as project:
         project.configure(settings)
         yield project
+
+
+@pytest.fixture
+def frozen_rate_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stops the rate-limit clock, so a test never straddles two one-minute windows (which would
+    reset its counters half-way through)."""
+    import time
+    import types
+
+    import django_ratelimit.core
+
+    import accounts.ratelimit
+
+    now = time.time()
+    frozen = types.SimpleNamespace(time=lambda: now)
+    monkeypatch.setattr(accounts.ratelimit, "time", frozen)
+    monkeypatch.setattr(django_ratelimit.core, "time", frozen)

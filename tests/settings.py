@@ -19,5 +19,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests load models through fixtures; only the gunicorn processes they start load at start-up.
 os.environ["MODEL_LOAD_ON_START"] = "false"
+# Tests change tenants and keys with queryset.update() and expect the next request to see it;
+# the credential cache has tests of its own.
+os.environ.setdefault("AUTH_CACHE_SECONDS", "0")
 
 from embedplatform.settings import *  # noqa: F403

@@ -139,6 +139,31 @@ def test_it_revokes_a_key_with_the_command(alice: Person, fake_encoder: FakeEnco
         call_command("revoke_api_key", "emb_000000000000", stdout=io.StringIO())
 
 
+def test_it_cuts_a_keys_prefix_the_same_way_for_requests_and_the_revoke_command(
+    alice: Person, fake_encoder: FakeEncoder, settings: Any
+) -> None:
+    settings.API_KEY_PREFIX = "acme"
+    api_key, key = services.create_api_key(tenant=alice.tenant, name="ci")
+    assert api_key.prefix.startswith("acme_")
+    assert services.api_key_prefix(key) == services.api_key_prefix(api_key.prefix) == api_key.prefix
+    assert embed(key).status_code == 200
+
+    call_command("revoke_api_key", f" {key} ", stdout=io.StringIO())
+
+    assert_error(embed(key), 401, code="revoked_api_key")
+
+
+def test_it_reads_x_tenant_for_a_key_as_it_does_for_a_user(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    _, key = services.create_api_key(tenant=alice.tenant, name="ci")
+    padded = f"00{alice.tenant.pk}"
+    as_user = Client().get("/usage", HTTP_X_TENANT=padded, **alice.client_headers)
+    assert as_user.json()["tenant"]["id"] == alice.tenant.pk
+    assert embed(key, HTTP_X_TENANT=padded).status_code == 200
+    assert_error(embed(key, HTTP_X_TENANT="not-a-number"), 403, code="tenant_mismatch")
+
+
 def test_it_refuses_a_key_once_it_expires(alice: Person, fake_encoder: FakeEncoder) -> None:
     api_key, key = services.create_api_key(
         tenant=alice.tenant, name="soon", expires_at=timezone.now() + timedelta(hours=1)

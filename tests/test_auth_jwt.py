@@ -23,7 +23,7 @@ from rest_framework.test import APIRequestFactory
 
 from accounts import services
 from accounts.authentication import SupabaseJWTAuthentication
-from accounts.jwks import clear_jwks_cache, parse_jwks
+from accounts.jwks import clear_jwks_cache, get_jwks_cache, parse_jwks
 from accounts.jwt import mint_token, verify_supabase_token
 from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
 from accounts.permissions import resolve_tenant
@@ -239,6 +239,27 @@ def test_it_stops_accepting_a_withdrawn_key_once_the_cached_keys_expire(
     assert_error(usage(token), 401, code="unknown_signing_key")
     assert supabase.jwks_requests == 2
     assert usage(supabase.mint(kept)).status_code == 200
+    assert supabase.jwks_requests == 2
+
+
+@pytest.mark.django_db
+def test_it_keeps_the_projects_keys_ten_minutes_at_most_whatever_the_setting_says(
+    supabase: FakeSupabase, settings: Any
+) -> None:
+    settings.SUPABASE_JWKS_CACHE_SECONDS = 24 * 3600
+    withdrawn = supabase.add_key("ES256")
+    token = supabase.mint(withdrawn)
+    cache = get_jwks_cache()
+    assert cache is not None
+    now = time.monotonic()
+    cache.clock = lambda: now  # ten minutes pass in a moment
+    assert usage(token).status_code == 200
+    supabase.unpublish(withdrawn)
+
+    now += 599
+    assert usage(token).status_code == 200
+    now += 2
+    assert_error(usage(token), 401, code="unknown_signing_key")
     assert supabase.jwks_requests == 2
 
 

@@ -255,6 +255,14 @@ CASES = [
     pytest.param(bearer(lambda s: s.token(sub="")), "missing_subject", id="empty-subject"),
     pytest.param(bearer(lambda s: s.token(role="supabase_admin")), "invalid_role", id="other-role"),
     pytest.param(bearer(lambda s: s.token(role=None)), "invalid_role", id="no-role"),
+    pytest.param(
+        bearer(lambda s: s.token(role=["authenticated"])), "invalid_role", id="role-as-a-list"
+    ),
+    pytest.param(
+        bearer(lambda s: s.token(role={"name": "service_role"})),
+        "invalid_role",
+        id="role-as-an-object",
+    ),
     pytest.param(bearer(lambda s: unsigned(s, "none")), "unsupported_algorithm", id="alg-none"),
     pytest.param(bearer(lambda s: unsigned(s, "NoNe")), "unsupported_algorithm", id="alg-NoNe"),
     pytest.param(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from embeddings.batching import Batcher
+from embeddings.batching import Batcher, _settle
 
 
 class RecordingModel:
@@ -135,3 +135,14 @@ def test_it_skips_the_texts_of_a_request_nobody_waits_for() -> None:
     encoded = [text for texts, _ in model.passes for text in texts]
     assert encoded == ["blocker", "after"]
     batcher.close()
+
+
+def test_it_answers_a_request_that_gave_up_without_dying() -> None:
+    # A request that times out cancels its future from its own thread at any moment, also
+    # between the batcher's "is it still waiting?" and its answer: that answer must not raise,
+    # or the batcher thread dies with the other requests of the pass unanswered.
+    gave_up: Future[np.ndarray] = Future()
+    assert gave_up.cancel()
+    _settle(gave_up, result=np.zeros((1, 2), np.float32))
+    _settle(gave_up, exception=RuntimeError("model failed"))
+    assert gave_up.cancelled()

@@ -376,3 +376,25 @@ def test_it_names_only_commands_the_images_have(compose: dict[str, Any]) -> None
         test = compose["services"][name]["healthcheck"]["test"]
         first_word = shlex.split(test[1])[0] if test[0] == "CMD-SHELL" else test[1]
         assert first_word == expected, name
+
+
+def test_it_treats_the_empty_lines_of_an_env_file_as_unset(tmp_path: Path) -> None:
+    # compose passes `WEB_CONCURRENCY=` from .env as an empty variable; gunicorn would fail on
+    # int("") before reading its config.
+    env = {
+        **os.environ,
+        "RUN_MIGRATIONS": "false",
+        "PREFETCH_MODEL": "false",
+        "WEB_CONCURRENCY": "",
+        "GUNICORN_THREADS": "",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    command = [
+        "python",
+        "-c",
+        "import os, gunicorn.config; "
+        "print(sorted(n for n in os.environ if n.startswith(('WEB_', 'GUNICORN_T'))))",
+    ]
+    result = run([str(ROOT / "docker" / "entrypoint.sh"), *command], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "[]"

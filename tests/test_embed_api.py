@@ -447,3 +447,70 @@ def test_it_truncates_gemma_to_matryoshka_sizes(alice: Person, gemma: Any, fract
 def test_it_refuses_more_dimensions_than_gemma_has(alice: Person, gemma: Any) -> None:
     response = post(alice, "/embed", {"text": "x", "dimensions": gemma.dimensions + 1})
     assert_error(response, 422, code="invalid_dimensions", param="dimensions")
+
+
+# --- Edges of the HTTP layer ----------------------------------------------------------------------
+
+
+def test_it_does_not_meter_an_options_request(alice: Person, fake_encoder: FakeEncoder) -> None:
+    response = Client().options("/embed", **alice.client_headers)
+    assert response.status_code == 200
+    assert UsageLog.objects.count() == 0
+    assert "x-ratelimit-limit-requests" not in response
+
+
+@pytest.mark.parametrize(
+    ("credential", "extra"),
+    [
+        ("Bearer emb_garbage", {"HTTP_ACCEPT": "application/xml"}),
+        ("Bearer not.a.jwt", {"HTTP_ACCEPT": "application/xml"}),
+        ("Bearer not.a.jwt", {"QUERY_STRING": "format=xml"}),
+    ],
+)
+def test_it_refuses_a_bad_credential_with_an_unknown_format_without_a_500(
+    credential: str, extra: dict[str, str], fake_encoder: FakeEncoder, db: None
+) -> None:
+    response = Client().post(
+        "/embed", "{}", content_type="application/json", HTTP_AUTHORIZATION=credential, **extra
+    )
+    assert 400 <= response.status_code < 500
+    assert UsageLog.objects.count() == 0
+
+
+def test_it_refuses_deeply_nested_json_as_malformed(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    raw = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_error(post(alice, "/embed", None, raw=raw), 400, code="invalid_json")
+
+
+def test_it_names_the_model_in_the_usage_row_of_a_refused_request(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    response = post(alice, "/batch-embed", {"texts": ["a", ""]})
+    row = UsageLog.objects.get(request_id=response["x-request-id"])
+    assert (row.status_code, row.model) == (422, "fake-model")
+
+
+@pytest.mark.parametrize("supplied", ["trace\n", "a b", "x" * 129, "é"])
+def test_it_replaces_a_request_id_it_cannot_echo_safely(
+    alice: Person, fake_encoder: FakeEncoder, supplied: str
+) -> None:
+    response = post(alice, "/embed", {"text": "a"}, HTTP_X_REQUEST_ID=supplied)
+    assert response.status_code == 200
+    assert response["x-request-id"] != supplied
+    assert len(response["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics"])
+def test_it_answers_probes_that_address_it_by_ip(
+    fake_encoder: FakeEncoder, db: None, path: str
+) -> None:
+    # Prometheus (DNS discovery) and container health checks send Host: <ip>:8000.
+    response = Client().get(path, HTTP_HOST="172.18.0.3:8000")
+    assert response.status_code == 200
+
+
+def test_it_still_checks_the_host_of_the_api(alice: Person, fake_encoder: FakeEncoder) -> None:
+    response = post(alice, "/embed", {"text": "a"}, HTTP_HOST="evil.example.com")
+    assert_error(response, 400, code="bad_request")

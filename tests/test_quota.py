@@ -16,7 +16,14 @@ from django.db.models import Sum
 from django.test import Client
 
 from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
-from accounts.selectors import current_period_start, effective_limits, next_period_start
+from accounts.selectors import (
+    PeriodUse,
+    current_period_start,
+    effective_limits,
+    next_period_start,
+    period_use,
+    quota_periods,
+)
 from tests.conftest import FakeEncoder, Person
 from tests.service import Service, start_service
 from tests.test_embed_api import assert_error
@@ -114,6 +121,55 @@ def test_it_takes_the_tenants_quota_over_the_plans_over_the_setting(
 
 
 @pytest.mark.django_db
+def test_it_caps_the_texts_per_request_of_any_plan_or_tenant_at_the_service_setting(
+    alice: Person, fake_encoder: FakeEncoder, settings: Any
+) -> None:
+    settings.MAX_TEXTS_PER_REQUEST = 5
+    generous = Plan.objects.create(name="generous", max_texts_per_request=100)
+    Tenant.objects.filter(pk=alice.tenant.pk).update(plan=generous)
+    alice.tenant.refresh_from_db()
+    assert effective_limits(alice.tenant).max_texts_per_request == 5
+    Tenant.objects.filter(pk=alice.tenant.pk).update(max_texts_per_request=50)
+    alice.tenant.refresh_from_db()
+    assert effective_limits(alice.tenant).max_texts_per_request == 5
+
+    response = Client().post(
+        "/batch-embed",
+        {"texts": ["a"] * 6},
+        content_type="application/json",
+        **alice.client_headers,
+    )
+    assert_error(response, 413, code="too_many_inputs", param="texts")
+    assert fake_encoder.texts_encoded == 0
+    # Below the setting, the plan's or the tenant's own limit holds.
+    Tenant.objects.filter(pk=alice.tenant.pk).update(max_texts_per_request=3)
+    alice.tenant.refresh_from_db()
+    assert effective_limits(alice.tenant).max_texts_per_request == 3
+
+
+@pytest.mark.django_db
+def test_it_reads_a_tenants_charges_of_a_period_from_its_quota_row(
+    alice: Person, charlie: Person
+) -> None:
+    last_month = (current_period_start() - timedelta(days=1)).replace(day=1)
+    QuotaPeriod.objects.create(tenant=alice.tenant, period_start=last_month, tokens=7, requests=2)
+    QuotaPeriod.objects.create(
+        tenant=alice.tenant, period_start=current_period_start(), tokens=40, requests=3
+    )
+    assert period_use(tenant=alice.tenant, period_start=current_period_start()) == PeriodUse(
+        tokens=40, requests=3
+    )
+    assert period_use(tenant=alice.tenant, period_start=last_month) == PeriodUse(
+        tokens=7, requests=2
+    )
+    assert period_use(tenant=charlie.tenant, period_start=current_period_start()) == PeriodUse(
+        tokens=0, requests=0
+    )
+    this_month = quota_periods(period_start=current_period_start())
+    assert list(this_month.values_list("tenant", "tokens")) == [(alice.tenant.pk, 40)]
+
+
+@pytest.mark.django_db
 def test_it_charges_exactly_what_it_served(
     alice: Person, bob: Person, charlie: Person, fake_encoder: FakeEncoder
 ) -> None:
@@ -179,6 +235,7 @@ def test_it_never_charges_past_the_quota_with_32_concurrent_requests(
 
 
 @pytest.mark.django_db
+@pytest.mark.usefixtures("frozen_rate_window")
 def test_it_leaves_the_minutes_token_budget_alone_when_the_quota_refuses(
     alice: Person, fake_encoder: FakeEncoder
 ) -> None:

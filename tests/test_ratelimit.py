@@ -27,7 +27,7 @@ from tests.conftest import FakeEncoder, Person
 from tests.service import ROOT, free_port
 from tests.test_embed_api import assert_error
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen_rate_window")]
 
 REQUEST_HEADERS = ("limit-requests", "remaining-requests", "reset-requests")
 TOKEN_HEADERS = ("limit-tokens", "remaining-tokens", "reset-tokens")
@@ -264,3 +264,52 @@ def test_it_says_at_start_when_rate_limits_are_counted_per_process(tmp_path: Any
     assert "rate_limits_use_local_cache" not in start_log(
         REDIS_URL="redis://127.0.0.1:6379/0", DATABASE_URL=sqlite
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/embed", {"text": ""}, 422),
+        ("/batch-embed", {"texts": ["a"] * 300}, 413),
+        ("/v1/embeddings", {"input": "a", "model": "no-such-model"}, 404),
+    ],
+)
+def test_it_sends_the_headers_with_refusals_after_authentication_too(
+    alice: Person, fake_encoder: FakeEncoder, path: str, body: dict[str, Any], status: int
+) -> None:
+    response = Client().post(path, body, content_type="application/json", **alice.client_headers)
+    assert response.status_code == status
+    for name in REQUEST_HEADERS + TOKEN_HEADERS:
+        assert f"x-ratelimit-{name}" in response, name
+
+
+def test_it_counts_invalid_requests_against_requests_per_minute(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    limit(alice.tenant, requests=2)
+    for _ in range(2):
+        bad = Client().post(
+            "/embed", {"text": ""}, content_type="application/json", **alice.client_headers
+        )
+        assert bad.status_code == 422
+    assert_error(embed(alice), 429, code="rate_limit_exceeded")
+
+
+def test_it_gives_back_the_tokens_of_a_request_the_model_failed(
+    alice: Person, fake_encoder: FakeEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embeddings import runtime
+
+    limit(alice.tenant, requests=100, tokens=100)
+
+    def explode(texts: list[str], prompt: str) -> Any:
+        raise RuntimeError("model failed")
+
+    monkeypatch.setattr(fake_encoder, "encode", explode)
+    runtime.install_runtime(fake_encoder)  # type: ignore[arg-type]
+    assert embed(alice).status_code == 500
+    monkeypatch.undo()
+    runtime.install_runtime(fake_encoder)  # type: ignore[arg-type]
+    served = embed(alice)
+    assert served.status_code == 200
+    assert served["x-ratelimit-remaining-tokens"] == "96"  # only the served request's 4

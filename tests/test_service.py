@@ -262,3 +262,25 @@ def test_it_runs_torch_with_cores_divided_by_workers(django_db_setup: None, tmp_
         assert {record["torch_threads"] for record in loaded} == {max(1, cores // 2)}
     finally:
         service.stop()
+
+
+def test_it_reads_a_chunked_request_body(minilm_service: Service, alice: Person) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"texts": ["sent in '
+        yield b'chunks", "without a Content-Length"]}'
+
+    headers = {**alice.headers, "Content-Type": "application/json"}
+    response = minilm_service.post("/batch-embed", data=chunks(), headers=headers)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["embeddings"]) == 2
+
+
+def test_it_refuses_a_chunked_body_over_the_limit(minilm_service: Service, alice: Person) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(5 * 1024):  # 5 MiB, over the 4 MiB default
+            yield b"x" * 1024
+
+    headers = {**alice.headers, "Content-Type": "application/json"}
+    response = minilm_service.post("/embed", data=chunks(), headers=headers)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"

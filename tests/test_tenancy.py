@@ -16,7 +16,7 @@ from django.test import Client
 
 from accounts import services
 from accounts.jwt import mint_token
-from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
+from accounts.models import Membership, Plan, SupabaseIdentity, Tenant, UsageLog
 from tests.conftest import FakeEncoder, Person
 from tests.test_embed_api import assert_error
 
@@ -152,6 +152,51 @@ def test_it_creates_one_user_and_one_tenant_for_many_concurrent_first_requests()
         tenant_ids = {tenant for token, _, tenant in answers if token == tokens[n]}
         assert tenant_ids == {Tenant.objects.get(personal_owner=identity.user).pk}
     assert Tenant.objects.count() == 3
+
+
+@pytest.mark.django_db
+def test_it_makes_the_plan_named_default_the_default_again_when_no_plan_is(alice: Person) -> None:
+    # An operator unticked "default" in the admin, meaning to tick another plan next.
+    Plan.objects.update(is_default=False)
+    Plan.objects.create(name="pro", monthly_token_quota=10**9)
+
+    response = Client().get(
+        "/usage", HTTP_AUTHORIZATION=f"Bearer {mint_token(subject=str(uuid.uuid4()), email='')}"
+    )
+
+    assert response.status_code == 200, response.content
+    assert response.json()["plan"]["name"] == "default"
+    assert list(Plan.objects.filter(is_default=True).values_list("name", flat=True)) == ["default"]
+    assert Plan.objects.filter(name="default").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_agrees_on_one_default_plan_when_concurrent_first_requests_find_none() -> None:
+    Plan.objects.create(name="default", is_default=False)
+    tokens = [mint_token(subject=str(uuid.uuid4()), email="") for _ in range(8)]
+    start = threading.Barrier(len(tokens))
+    answers: list[tuple[int, str | None]] = []
+    lock = threading.Lock()
+
+    def first_request(token: str) -> None:
+        try:
+            start.wait()
+            response = Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}")
+            with lock:
+                answers.append((response.status_code, response.json().get("plan", {}).get("name")))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=first_request, args=(token,)) for token in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert answers == [(200, "default")] * len(tokens)
+    default = Plan.objects.get(is_default=True)
+    assert (default.name, Plan.objects.count()) == ("default", 1)
+    assert set(Tenant.objects.values_list("plan", flat=True)) == {default.pk}
 
 
 @pytest.mark.django_db

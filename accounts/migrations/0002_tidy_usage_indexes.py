@@ -5,19 +5,25 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('accounts', '0001_initial'),
+        ("accounts", "0001_initial"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='supabaseidentity',
-            options={'verbose_name_plural': 'Supabase identities'},
+            name="supabaseidentity",
+            options={"verbose_name_plural": "Supabase identities"},
         ),
         migrations.AlterField(
-            model_name='usagelog',
-            name='tenant',
-            field=models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='usage_logs', to='accounts.tenant'),
+            model_name="usagelog",
+            name="tenant",
+            field=models.ForeignKey(
+                blank=True,
+                db_index=False,
+                null=True,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="usage_logs",
+                to="accounts.tenant",
+            ),
         ),
     ]

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts import services
 from accounts.selectors import api_key_by_prefix
-
-
-def prefix_of(value: str) -> str:
-    """A key's public prefix, given the prefix itself or the whole key."""
-    return value.strip()[: len(settings.API_KEY_PREFIX) + 1 + 12]
 
 
 class Command(BaseCommand):
@@ -25,9 +19,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         found = []
         for value in options["keys"]:
-            api_key = api_key_by_prefix(prefix_of(value))
+            prefix = services.api_key_prefix(value.strip())
+            api_key = api_key_by_prefix(prefix)
             if api_key is None:
-                raise CommandError(f"No API key has the prefix {prefix_of(value)!r}.")
+                raise CommandError(f"No API key has the prefix {prefix!r}.")
             found.append(api_key)
         for api_key in found:
             already = api_key.is_revoked
