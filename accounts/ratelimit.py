@@ -49,7 +49,9 @@ class RateLimitState:
     remaining_requests: int
     reset_requests_seconds: int
     limit_tokens: int
-    remaining_tokens: int
+    # None until known: the served path learns it from its own charge (`consume_tokens`), so
+    # only a request refused before that reads the counter (`with_remaining_tokens`).
+    remaining_tokens: int | None
     reset_tokens_seconds: int
     # The token window this request charged, and how much, so a refund hits exactly that.
     tokens_key: str
@@ -61,7 +63,7 @@ class RateLimitState:
             "x-ratelimit-remaining-requests": str(max(0, self.remaining_requests)),
             "x-ratelimit-reset-requests": f"{max(0, self.reset_requests_seconds)}s",
             "x-ratelimit-limit-tokens": str(self.limit_tokens),
-            "x-ratelimit-remaining-tokens": str(max(0, self.remaining_tokens)),
+            "x-ratelimit-remaining-tokens": str(max(0, self.remaining_tokens or 0)),  # set by now
             "x-ratelimit-reset-tokens": f"{max(0, self.reset_tokens_seconds)}s",
         }
 
@@ -152,7 +154,6 @@ def count_request(*, request: Request, tenant: Tenant, limits: Limits) -> RateLi
         if usage is None or usage.get("time_left", 0) < 0:
             raise CacheUnavailable("the rate-limit cache did not answer")
         tokens_key, reset_tokens = _tokens_key(tenant_key, limits.tokens_per_minute)
-        tokens_used = _add_tokens(tokens_key, 0)
     except CacheUnavailable as exc:
         _backend_failed(exc)
         return None
@@ -161,17 +162,27 @@ def count_request(*, request: Request, tenant: Tenant, limits: Limits) -> RateLi
         remaining_requests=limits.requests_per_minute - int(usage["count"]),
         reset_requests_seconds=int(usage["time_left"]),
         limit_tokens=limits.tokens_per_minute,
-        remaining_tokens=limits.tokens_per_minute - tokens_used,
+        remaining_tokens=None,
         reset_tokens_seconds=reset_tokens,
         tokens_key=tokens_key,
     )
     if int(usage["count"]) > limits.requests_per_minute:
         raise _refuse(
-            state,
+            with_remaining_tokens(state),
             f"Rate limit of {limits.requests_per_minute} requests per minute reached; "
             "retry in {retry_after} s.",
             state.reset_requests_seconds,
         )
+    return state
+
+
+def with_remaining_tokens(state: RateLimitState) -> RateLimitState:
+    """Fills in the tokens left this minute, for a response that did not charge any."""
+    if state.remaining_tokens is None:
+        try:
+            state.remaining_tokens = state.limit_tokens - _add_tokens(state.tokens_key, 0)
+        except CacheUnavailable:
+            state.remaining_tokens = state.limit_tokens  # unknown: the headers claim no use
     return state
 
 
@@ -209,5 +220,6 @@ def refund_tokens(*, state: RateLimitState | None) -> None:
     if state is None or not state.tokens_charged:
         return
     _take_back(state.tokens_key, state.tokens_charged)
-    state.remaining_tokens += state.tokens_charged
+    if state.remaining_tokens is not None:
+        state.remaining_tokens += state.tokens_charged
     state.tokens_charged = 0

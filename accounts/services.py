@@ -12,7 +12,7 @@ from datetime import date, datetime
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -312,14 +312,64 @@ def _log(record: UsageRecord, *, tokens: int) -> UsageLog:
     )
 
 
-def charge_and_log(*, record: UsageRecord) -> UsageLog:
+# The common case on PostgreSQL in one statement, so one round trip: the conditional charge, and
+# the usage row only if the charge happened. A statement is atomic on its own.
+_CHARGE_AND_LOG_SQL = f"""
+WITH charged AS (
+    UPDATE {QuotaPeriod._meta.db_table}
+       SET tokens = tokens + %(tokens)s, requests = requests + 1
+     WHERE tenant_id = %(tenant_id)s AND period_start = %(period_start)s AND tokens <= %(room)s
+ RETURNING id
+)
+INSERT INTO {UsageLog._meta.db_table}
+       (tenant_id, user_id, api_key_id, endpoint, model, inputs, tokens, status_code, error_type,
+        latency_ms, request_id, created_at)
+SELECT %(tenant_id)s, %(user_id)s, %(api_key_id)s, %(endpoint)s, %(model)s, %(inputs)s,
+       %(tokens)s, %(status_code)s, %(error_type)s, %(latency_ms)s, %(request_id)s, %(created_at)s
+  FROM charged
+RETURNING id
+"""
+
+
+def _charge_and_log_in_one_statement(
+    *, record: UsageRecord, period_start: date, quota: int
+) -> bool:
+    tenant = record.caller.tenant
+    assert tenant is not None
+    params = {
+        "tokens": record.tokens,
+        "tenant_id": tenant.pk,
+        "period_start": period_start,
+        "room": quota - record.tokens,
+        "user_id": record.caller.user_id,
+        "api_key_id": record.caller.api_key.pk if record.caller.api_key else None,
+        "endpoint": record.endpoint,
+        "model": record.model,
+        "inputs": record.inputs,
+        "status_code": record.status_code,
+        "error_type": record.error_type,
+        "latency_ms": record.latency_ms,
+        "request_id": record.request_id,
+        "created_at": timezone.now(),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_CHARGE_AND_LOG_SQL, params)
+        return cursor.fetchone() is not None
+
+
+def charge_and_log(*, record: UsageRecord) -> None:
     """Charges a served request's tokens to its tenant's monthly quota and writes its usage row,
-    in one transaction: the quota total always equals the sum of the log. Raises QuotaExceeded
-    (and charges nothing) when concurrent requests used up the quota first."""
+    atomically: the quota total always equals the sum of the log. Raises QuotaExceeded (and
+    charges nothing) when concurrent requests used up the quota first."""
     tenant = record.caller.tenant
     assert tenant is not None, "a served request always has a tenant"
     quota = effective_limits(tenant).monthly_token_quota
     period_start = current_period_start()
+    if connection.vendor == "postgresql" and _charge_and_log_in_one_statement(
+        record=record, period_start=period_start, quota=quota
+    ):
+        return
+    # Elsewhere (SQLite), on the month's first charge (no row yet) and when the quota is spent.
     with transaction.atomic():
         charged = _charge(tenant=tenant, period_start=period_start, quota=quota, record=record)
         if not charged:
@@ -332,7 +382,7 @@ def charge_and_log(*, record: UsageRecord) -> UsageLog:
         if not charged:
             spent = period_use(tenant=tenant, period_start=period_start).tokens
             raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
-        return _log(record, tokens=record.tokens)
+        _log(record, tokens=record.tokens)
 
 
 def _charge(*, tenant: Tenant, period_start: date, quota: int, record: UsageRecord) -> bool:

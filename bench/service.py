@@ -191,7 +191,9 @@ def main() -> None:
     parser.add_argument("--quantization", default=os.environ.get("MODEL_QUANTIZATION", "auto"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="default: gunicorn.conf.py's for this machine"
+    )
     args = parser.parse_args()
 
     print(
@@ -214,6 +216,13 @@ def main() -> None:
     )
     try:
         health = json.loads(service.get("/health").text)
+        for line in service.log().splitlines():
+            if '"gunicorn_settings"' in line:
+                sizing = json.loads(line)
+                print(
+                    f"gunicorn: {sizing['workers']} workers x {sizing['threads']} threads, "
+                    f"{sizing['torch_threads']} torch threads each, {sizing['cores']} cores"
+                )
         print(f"\nservice: {health['model']} {health['dtype']}, checks {health['checks']}")
         assert health["dtype"] == ceiling["dtype"], "the service must run the same dtype"
         load(

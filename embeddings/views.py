@@ -21,7 +21,7 @@ from rest_framework.views import APIView
 
 from accounts import services as accounts
 from accounts.permissions import HasActiveTenant
-from accounts.ratelimit import count_request
+from accounts.ratelimit import count_request, with_remaining_tokens
 from accounts.selectors import effective_limits
 from embeddings import serializers as io
 from embeddings.runtime import accepted_model_names, get_runtime
@@ -109,7 +109,7 @@ class MeteredEmbedView(BrowsableForm, APIView):
             )
             call.recorded = True
         if call.rate_limit is not None:
-            for name, value in call.rate_limit.headers().items():
+            for name, value in with_remaining_tokens(call.rate_limit).headers().items():
                 response.headers.setdefault(name, value)
         response["Server-Timing"] = call.server_timing()
         status = str(response.status_code)

@@ -113,7 +113,10 @@ TEMPLATES = [
 # --- Database ---------------------------------------------------------------------------------
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Before reusing a kept connection, Django checks it with a round trip, so a restarted database
+# costs no failed request; that check is one query per request, which DATABASE_HEALTH_CHECKS=false
+# saves where failovers are handled otherwise (e.g. PgBouncer in front).
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DATABASE_HEALTH_CHECKS", default=True)
 if "postgresql" in DATABASES["default"]["ENGINE"]:
     # A database that does not answer makes /health say 503 in seconds, not hang.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(

@@ -68,7 +68,7 @@ def start_service(
     tmp_path: Path,
     *,
     env: dict[str, str] | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
     wait: bool = True,
     ready_timeout: float = 120,
 ) -> Service:
@@ -82,7 +82,6 @@ def start_service(
         **os.environ,
         "PORT": str(port),
         "GUNICORN_BIND": f"127.0.0.1:{port}",
-        "WEB_CONCURRENCY": str(workers),
         "DATABASE_URL": database_url(),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "DATA_DIR": str(settings.DATA_DIR),
@@ -96,6 +95,10 @@ def start_service(
         **(env or {}),
     }
     full_env.pop("DJANGO_SETTINGS_MODULE", None)
+    if workers is None:  # gunicorn.conf.py's default for this machine
+        full_env.pop("WEB_CONCURRENCY", None)
+    else:
+        full_env["WEB_CONCURRENCY"] = str(workers)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "embedplatform/gunicorn.conf.py"],

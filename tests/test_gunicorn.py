@@ -60,10 +60,10 @@ print(json.dumps({{
 # --- Sizing -----------------------------------------------------------------------------------
 
 
-def test_it_defaults_to_one_worker_per_two_cores_sharing_the_cores_for_torch() -> None:
+def test_it_defaults_to_one_worker_per_core_up_to_four_sharing_the_cores_for_torch() -> None:
     conf = load_conf({})
     assert conf["worker_class"] == "gthread"
-    assert conf["workers"] == max(1, CORES // 2)
+    assert conf["workers"] == min(CORES, 4)
     assert conf["threads"] == 32
     assert conf["torch_threads"] == max(1, CORES // conf["workers"])
     assert conf["web_concurrency"] == conf["workers"]
