@@ -13,6 +13,7 @@ what is wrong with the token, never anything about the keys.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
@@ -23,6 +24,7 @@ import jwt as pyjwt
 from django.conf import settings
 from rest_framework.exceptions import AuthenticationFailed
 
+from accounts.credential_cache import remembered
 from accounts.jwks import ASYMMETRIC_ALGORITHMS, JwksUnavailable, get_jwks_cache
 from embedplatform.errors import ServiceUnavailable
 
@@ -47,6 +49,11 @@ class SupabaseClaims:
     role: str
     is_anonymous: bool
     claims: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expires_at(self) -> float | None:
+        exp = self.claims.get("exp")
+        return float(exp) if isinstance(exp, int | float) else None
 
 
 def _reject(message: str, code: str) -> NoReturn:
@@ -194,6 +201,18 @@ def verify_supabase_token(token: str) -> SupabaseClaims:
             "separated by dots).",
             "malformed_token",
         )
+    # A client sends the same token with every request until it expires: a worker that verified
+    # it moments ago (AUTH_CACHE_SECONDS) only checks that it has not expired since.
+    fingerprint = hashlib.sha256(token.encode()).digest()
+    claims = remembered(("verified-token", fingerprint), lambda: _verify(token))
+    assert claims is not None
+    expires_at = claims.expires_at
+    if expires_at is not None and expires_at + settings.SUPABASE_JWT_LEEWAY_SECONDS <= time.time():
+        _reject("The token has expired; get a new one (log in again).", "token_expired")
+    return claims
+
+
+def _verify(token: str) -> SupabaseClaims:
     try:
         header = pyjwt.get_unverified_header(token)
     except pyjwt.PyJWTError:

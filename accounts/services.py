@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -265,11 +266,33 @@ def revoke_api_key(*, api_key: ApiKey) -> ApiKey:
 # --- Quota and usage ---------------------------------------------------------------------------
 
 
+# What this process last saw charged to each tenant: (month, tokens, when). The pre-check may
+# trust it for QUOTA_PRECHECK_CACHE_SECONDS while the tenant is far from its quota (other
+# workers may have charged meanwhile, hence the headroom); near the quota it asks the database.
+# Nothing can overspend either way: the charge itself is the atomic check.
+_seen_spent: dict[int, tuple[date, int, float]] = {}
+_PRECHECK_HEADROOM = 0.1
+
+
+def _saw_spent(*, tenant_id: int, period_start: date, tokens: int) -> None:
+    _seen_spent[tenant_id] = (period_start, tokens, time.monotonic())
+
+
 def check_quota(*, tenant: Tenant, tokens: int) -> None:
     """Refuses, before the model runs, a request that cannot fit in this month's quota. The
     authoritative check happens again when charging, atomically."""
     quota = effective_limits(tenant).monthly_token_quota
-    spent = period_use(tenant=tenant, period_start=current_period_start()).tokens
+    period_start = current_period_start()
+    seen = _seen_spent.get(tenant.pk)
+    if (
+        seen is not None
+        and seen[0] == period_start
+        and time.monotonic() - seen[2] < settings.QUOTA_PRECHECK_CACHE_SECONDS
+        and seen[1] + tokens <= quota * (1 - _PRECHECK_HEADROOM)
+    ):
+        return
+    spent = period_use(tenant=tenant, period_start=period_start).tokens
+    _saw_spent(tenant_id=tenant.pk, period_start=period_start, tokens=spent)
     if spent + tokens > quota:
         raise _quota_exceeded(quota=quota, spent=spent, tokens=tokens)
 
@@ -319,15 +342,18 @@ WITH charged AS (
     UPDATE {QuotaPeriod._meta.db_table}
        SET tokens = tokens + %(tokens)s, requests = requests + 1
      WHERE tenant_id = %(tenant_id)s AND period_start = %(period_start)s AND tokens <= %(room)s
- RETURNING id
+ RETURNING tokens
+), logged AS (
+    INSERT INTO {UsageLog._meta.db_table}
+           (tenant_id, user_id, api_key_id, endpoint, model, inputs, tokens, status_code,
+            error_type, latency_ms, request_id, created_at)
+    SELECT %(tenant_id)s, %(user_id)s, %(api_key_id)s, %(endpoint)s, %(model)s, %(inputs)s,
+           %(tokens)s, %(status_code)s, %(error_type)s, %(latency_ms)s, %(request_id)s,
+           %(created_at)s
+      FROM charged
+    RETURNING id
 )
-INSERT INTO {UsageLog._meta.db_table}
-       (tenant_id, user_id, api_key_id, endpoint, model, inputs, tokens, status_code, error_type,
-        latency_ms, request_id, created_at)
-SELECT %(tenant_id)s, %(user_id)s, %(api_key_id)s, %(endpoint)s, %(model)s, %(inputs)s,
-       %(tokens)s, %(status_code)s, %(error_type)s, %(latency_ms)s, %(request_id)s, %(created_at)s
-  FROM charged
-RETURNING id
+SELECT charged.tokens FROM charged, logged
 """
 
 
@@ -354,7 +380,11 @@ def _charge_and_log_in_one_statement(
     }
     with connection.cursor() as cursor:
         cursor.execute(_CHARGE_AND_LOG_SQL, params)
-        return cursor.fetchone() is not None
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    _saw_spent(tenant_id=tenant.pk, period_start=period_start, tokens=int(row[0]))
+    return True
 
 
 def charge_and_log(*, record: UsageRecord) -> None:
@@ -379,8 +409,9 @@ def charge_and_log(*, record: UsageRecord) -> None:
             # Again whether this request created the row or lost the race to one that did: the
             # loser's get_or_create returns the winner's row, which it has not charged yet.
             charged = _charge(tenant=tenant, period_start=period_start, quota=quota, record=record)
+        spent = period_use(tenant=tenant, period_start=period_start).tokens
+        _saw_spent(tenant_id=tenant.pk, period_start=period_start, tokens=spent)
         if not charged:
-            spent = period_use(tenant=tenant, period_start=period_start).tokens
             raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
         _log(record, tokens=record.tokens)
 

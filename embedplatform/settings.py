@@ -209,6 +209,9 @@ API_KEY_PREFIX = env.str("API_KEY_PREFIX", default="emb")
 # asking the database again; 0 asks every time. Saved changes clear the worker's memory at once,
 # other workers follow within this time (a revoked key, a deactivated tenant, a new plan).
 AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
+# Seconds a worker may skip the quota pre-check's query for a tenant it saw far (10%) from its
+# quota; 0 queries every time. The charge is atomic regardless: nothing can overspend.
+QUOTA_PRECHECK_CACHE_SECONDS = env.float("QUOTA_PRECHECK_CACHE_SECONDS", default=5.0)
 
 # --- Plans, quotas and rate limits ------------------------------------------------------------
 RATE_LIMIT_PER_MIN = env.int("RATE_LIMIT_PER_MIN", default=60)

@@ -22,5 +22,6 @@ os.environ["MODEL_LOAD_ON_START"] = "false"
 # Tests change tenants and keys with queryset.update() and expect the next request to see it;
 # the credential cache has tests of its own.
 os.environ.setdefault("AUTH_CACHE_SECONDS", "0")
+os.environ.setdefault("QUOTA_PRECHECK_CACHE_SECONDS", "0")
 
 from embedplatform.settings import *  # noqa: F403

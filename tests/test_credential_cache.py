@@ -82,3 +82,28 @@ def test_it_sees_changes_made_elsewhere_once_its_memory_expires(
     assert embed(alice.headers).status_code == 200
     time.sleep(0.35)
     assert embed(alice.headers).status_code == 403
+
+
+def test_it_skips_the_quota_query_for_a_tenant_far_from_its_quota(
+    alice: Person, fake_encoder: FakeEncoder, settings: Any
+) -> None:
+    settings.QUOTA_PRECHECK_CACHE_SECONDS = 60
+    queries_of(alice.headers)
+    _, sql = queries_of(alice.headers)
+    assert not any(s.startswith('SELECT "accounts_quotaperiod"') for s in sql)
+
+
+def test_it_asks_the_database_again_near_the_quota(
+    alice: Person, fake_encoder: FakeEncoder, settings: Any
+) -> None:
+    from accounts.models import QuotaPeriod
+
+    settings.QUOTA_PRECHECK_CACHE_SECONDS = 60
+    Tenant.objects.filter(pk=alice.tenant.pk).update(monthly_token_quota=6)
+    queries_of(alice.headers)  # 3 tokens: this worker has seen 3 of 6 spent
+    # Another worker charges 2 more. By what this worker saw, 3 + 3 would still fit; but that is
+    # within the last 10% of the quota, so it asks, and refuses before the model runs.
+    QuotaPeriod.objects.filter(tenant=alice.tenant).update(tokens=5)
+    before = fake_encoder.texts_encoded
+    assert embed(alice.headers).json()["error"]["code"] == "insufficient_quota"
+    assert fake_encoder.texts_encoded == before
