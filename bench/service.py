@@ -228,6 +228,15 @@ def main() -> None:
         load(
             service.url, token, path="/embed", texts_per_request=1, clients=args.clients, seconds=2
         )
+        # One client at a time: the identity layer's own cost, without queueing behind others.
+        alone = load(
+            service.url,
+            token,
+            path="/embed",
+            texts_per_request=1,
+            clients=1,
+            seconds=min(args.seconds, 5),
+        )
         runs = {
             "1-text": load(
                 service.url,
@@ -249,6 +258,11 @@ def main() -> None:
     finally:
         service.stop()
 
+    print(
+        f"\none client, 1-text requests: p50 {alone['p50']:.1f} ms, of which the identity layer "
+        "(authentication, tenant, rate limits, quota, charge and usage row) "
+        f"{alone['identity_p50']:.2f} ms"
+    )
     floors = {"1-text": 0.50, "32-text": 0.85}
     print(f"\nservice under {args.clients} concurrent clients (identity layer on)")
     print(
