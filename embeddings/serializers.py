@@ -69,7 +69,9 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
-class EmbedOptionsSerializer(serializers.Serializer):
+class PromptAndDimensionsSerializer(serializers.Serializer):
+    """The options every embed endpoint takes, OpenAI's included."""
+
     prompt_name = StrictCharField(
         required=False,
         allow_null=True,
@@ -84,6 +86,9 @@ class EmbedOptionsSerializer(serializers.Serializer):
         help_text="Matryoshka truncation: keep the first N dimensions (1 to the model's own, e.g. "
         "768, 512, 256 or 128 for EmbeddingGemma), re-normalised to unit length.",
     )
+
+
+class EmbedOptionsSerializer(PromptAndDimensionsSerializer):
     normalize = StrictBooleanField(
         required=False, default=True, help_text="Scale each embedding to unit length."
     )
@@ -169,7 +174,9 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-class OpenAIEmbeddingInputSerializer(serializers.Serializer):
+class OpenAIEmbeddingInputSerializer(PromptAndDimensionsSerializer):
+    """OpenAI's request; `prompt_name` is ours, as on /embed."""
+
     input = OpenAIInputField(help_text="A string, an array of strings, or token-id array(s).")
     model = StrictCharField(
         required=False, allow_null=True, max_length=255, help_text="The served model's name."
@@ -180,24 +187,12 @@ class OpenAIEmbeddingInputSerializer(serializers.Serializer):
         default="float",
         help_text="float, or base64 of little-endian float32 (what the openai client asks for).",
     )
-    dimensions = StrictIntegerField(
-        required=False,
-        allow_null=True,
-        min_value=1,
-        help_text="Keep the first N dimensions (Matryoshka), re-normalised to unit length.",
-    )
     user = StrictCharField(
         required=False,
         allow_null=True,
         allow_blank=True,
         max_length=256,
         help_text="OpenAI's end-user id; accepted for compatibility and not used.",
-    )
-    prompt_name = StrictCharField(
-        required=False,
-        allow_null=True,
-        max_length=64,
-        help_text="Not OpenAI's: a task prompt of the model, as on /embed.",
     )
 
 

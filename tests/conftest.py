@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 from django.core.cache import cache
+from django.test import Client
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts import services
 from accounts.jwt import mint_token
-from accounts.models import Membership, SupabaseIdentity, Tenant
+from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
 from embeddings import runtime
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
@@ -216,3 +219,34 @@ def frozen_rate_window(monkeypatch: pytest.MonkeyPatch) -> None:
     frozen = types.SimpleNamespace(time=lambda: now)
     monkeypatch.setattr(accounts.ratelimit, "time", frozen)
     monkeypatch.setattr(django_ratelimit.core, "time", frozen)
+
+
+@pytest.fixture
+def operator(django_user_model: Any) -> Any:
+    """A superuser: what an operator logs into the admin with."""
+    return django_user_model.objects.create_superuser(
+        username="operator", email="operator@example.com", password="correct horse battery"
+    )
+
+
+@pytest.fixture
+def operator_client(operator: Any) -> Client:
+    client = Client()
+    client.force_login(operator)
+    return client
+
+
+def usage_row(tenant: Tenant | None, **fields: Any) -> UsageLog:
+    """A usage log row as a served /embed request leaves it; `fields` override."""
+    values: dict[str, Any] = {
+        "endpoint": "embed",
+        "model": "fake-model",
+        "inputs": 1,
+        "tokens": 10,
+        "status_code": 200,
+        "latency_ms": 20.0,
+        "request_id": f"req-{random.getrandbits(48):012x}",
+        "created_at": timezone.now(),
+    }
+    values.update(fields)
+    return UsageLog.objects.create(tenant=tenant, **values)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from datetime import timedelta
 from typing import Any
@@ -17,38 +16,11 @@ from django.utils import timezone
 
 from accounts import services
 from accounts.admin import UsageLogAdmin, UsageLogPaginator
-from accounts.models import ApiKey, Membership, Plan, QuotaPeriod, Tenant, UsageLog
+from accounts.models import ApiKey, Membership, Plan, QuotaPeriod, UsageLog
 from accounts.selectors import current_period_start
+from tests.conftest import usage_row
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def operator(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_superuser(
-        username="operator", email="operator@example.com", password="correct horse battery"
-    )
-
-
-@pytest.fixture
-def operator_client(operator: Any) -> Client:
-    client = Client()
-    client.force_login(operator)
-    return client
-
-
-def log(tenant: Tenant | None, **fields: Any) -> UsageLog:
-    values: dict[str, Any] = {
-        "endpoint": "embed",
-        "model": "fake-model",
-        "inputs": 1,
-        "tokens": 10,
-        "status_code": 200,
-        "latency_ms": 12.5,
-        "request_id": f"req-{random.getrandbits(48):012x}",
-    }
-    values.update(fields)
-    return UsageLog.objects.create(tenant=tenant, **values)
 
 
 def changelist_ids(response: Any) -> list[int]:
@@ -59,7 +31,7 @@ def test_it_opens_every_admin_page_for_an_operator(
     operator_client: Client, alice: Any, bob: Any
 ) -> None:
     api_key, _ = services.create_api_key(tenant=alice.tenant, name="ci")
-    usage = log(alice.tenant, api_key=api_key)
+    usage = usage_row(alice.tenant, api_key=api_key)
     QuotaPeriod.objects.create(tenant=alice.tenant, period_start=current_period_start(), tokens=5)
     membership = Membership.objects.get(user=bob.user)
     pages = {
@@ -299,7 +271,7 @@ def test_it_never_moves_a_key_to_another_tenant_or_unrevokes_it(
 def test_it_keeps_the_usage_log_read_only_even_for_superusers(
     operator_client: Client, alice: Any
 ) -> None:
-    row = log(alice.tenant, tokens=10)
+    row = usage_row(alice.tenant, tokens=10)
     change_url = f"/admin/accounts/usagelog/{row.pk}/change/"
 
     assert operator_client.get("/admin/accounts/usagelog/add/").status_code == 403
@@ -324,12 +296,14 @@ def test_it_filters_the_usage_log_by_tenant_endpoint_status_and_date(
     operator_client: Client, alice: Any, charlie: Any
 ) -> None:
     now = timezone.now()
-    served = log(alice.tenant, endpoint="embed", created_at=now)
-    refused = log(
+    served = usage_row(alice.tenant, endpoint="embed", created_at=now)
+    refused = usage_row(
         alice.tenant, endpoint="openai_embeddings", status_code=429, tokens=0, created_at=now
     )
-    failed = log(charlie.tenant, endpoint="batch_embed", status_code=503, tokens=0, created_at=now)
-    old = log(charlie.tenant, endpoint="embed", created_at=now - timedelta(days=400))
+    failed = usage_row(
+        charlie.tenant, endpoint="batch_embed", status_code=503, tokens=0, created_at=now
+    )
+    old = usage_row(charlie.tenant, endpoint="embed", created_at=now - timedelta(days=400))
     url = "/admin/accounts/usagelog/"
 
     def ids(**params: str) -> set[int]:
@@ -352,9 +326,9 @@ def test_it_filters_the_usage_log_by_tenant_endpoint_status_and_date(
 
 
 def test_it_finds_a_usage_row_by_its_request_id(operator_client: Client, alice: Any) -> None:
-    wanted = log(alice.tenant, request_id="3f2b9c0e8a7d4e21")
-    log(alice.tenant, request_id="3f2b9c0e8a7d4e2")
-    log(alice.tenant, request_id="other")
+    wanted = usage_row(alice.tenant, request_id="3f2b9c0e8a7d4e21")
+    usage_row(alice.tenant, request_id="3f2b9c0e8a7d4e2")
+    usage_row(alice.tenant, request_id="other")
 
     response = operator_client.get("/admin/accounts/usagelog/", {"q": " 3f2b9c0e8a7d4e21 "})
 
@@ -369,8 +343,8 @@ def test_it_lists_usage_logs_with_the_same_few_queries_however_many_tenants_and_
             tenant = services.create_tenant(name=f"Tenant {number}")
             user = django_user_model.objects.create_user(username=f"user-{count}-{number}")
             api_key, _ = services.create_api_key(tenant=tenant, name=f"key {number}")
-            log(tenant, user=user)
-            log(tenant, api_key=api_key)
+            usage_row(tenant, user=user)
+            usage_row(tenant, api_key=api_key)
 
     def queries_for_a_page() -> int:
         operator_client.get("/admin/accounts/usagelog/")  # warm: sessions, content types
@@ -396,7 +370,7 @@ def test_it_lists_usage_logs_with_the_same_few_queries_however_many_tenants_and_
 
 def test_it_numbers_a_huge_unfiltered_log_from_the_planner_estimate(alice: Any) -> None:
     for _ in range(30):
-        log(alice.tenant)
+        usage_row(alice.tenant)
     with connection.cursor() as cursor:
         cursor.execute(f"ANALYZE {UsageLog._meta.db_table}")
     everything = UsageLog.objects.order_by("-created_at")

@@ -24,8 +24,9 @@ from django.utils import timezone
 
 from accounts import dashboard, services
 from accounts import dashboard_selectors as usage
-from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
+from accounts.models import Plan, QuotaPeriod, UsageLog
 from accounts.selectors import current_period_start, next_period_start
+from tests.conftest import usage_row
 from tests.usage_seed import seed_usage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,35 +79,6 @@ def metric_rows(html: str, container_id: str) -> list[dict[str, str]]:
 
 def number(text: str) -> int:
     return int(text.replace(",", ""))
-
-
-@pytest.fixture
-def operator(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_superuser(
-        username="operator", email="operator@example.com", password="correct horse battery"
-    )
-
-
-@pytest.fixture
-def operator_client(operator: Any) -> Client:
-    client = Client()
-    client.force_login(operator)
-    return client
-
-
-def log(tenant: Tenant | None, **fields: Any) -> UsageLog:
-    values: dict[str, Any] = {
-        "endpoint": "embed",
-        "model": "fake-model",
-        "inputs": 1,
-        "tokens": 10,
-        "status_code": 200,
-        "latency_ms": 20.0,
-        "request_id": f"req-{random.getrandbits(48):012x}",
-        "created_at": timezone.now(),
-    }
-    values.update(fields)
-    return UsageLog.objects.create(tenant=tenant, **values)
 
 
 # --- Access ------------------------------------------------------------------------------------
@@ -164,11 +136,13 @@ def test_it_shows_requests_tokens_errors_and_p95_per_day_for_a_tenant(
 ) -> None:
     now = timezone.now()
     for latency in range(10, 30):  # today: 20 requests, latencies 10..29 ms
-        log(alice.tenant, tokens=5, latency_ms=float(latency), created_at=now)
-    log(alice.tenant, tokens=0, status_code=429, error_type="rate_limit_exceeded", created_at=now)
-    log(alice.tenant, tokens=7, latency_ms=100.0, created_at=now - timedelta(days=1))
-    log(alice.tenant, tokens=1000, created_at=now - timedelta(days=40))  # outside the window
-    log(charlie.tenant, tokens=999, created_at=now)  # somebody else's
+        usage_row(alice.tenant, tokens=5, latency_ms=float(latency), created_at=now)
+    usage_row(
+        alice.tenant, tokens=0, status_code=429, error_type="rate_limit_exceeded", created_at=now
+    )
+    usage_row(alice.tenant, tokens=7, latency_ms=100.0, created_at=now - timedelta(days=1))
+    usage_row(alice.tenant, tokens=1000, created_at=now - timedelta(days=40))  # outside the window
+    usage_row(charlie.tenant, tokens=999, created_at=now)  # somebody else's
 
     response = operator_client.get(f"/admin/usage/tenant/{alice.tenant.pk}/")
 
@@ -201,10 +175,10 @@ def test_it_adds_every_tenant_up_on_the_overview(
     operator_client: Client, alice: Any, charlie: Any
 ) -> None:
     now = timezone.now()
-    log(alice.tenant, tokens=30, created_at=now)
-    log(charlie.tenant, tokens=12, created_at=now)
-    log(charlie.tenant, tokens=0, status_code=503, error_type="service_unavailable")
-    log(None, tokens=0, status_code=401, error_type="authentication_error")
+    usage_row(alice.tenant, tokens=30, created_at=now)
+    usage_row(charlie.tenant, tokens=12, created_at=now)
+    usage_row(charlie.tenant, tokens=0, status_code=503, error_type="service_unavailable")
+    usage_row(None, tokens=0, status_code=401, error_type="authentication_error")
 
     response = operator_client.get("/admin/usage/")
 
@@ -227,12 +201,12 @@ def test_it_ranks_the_top_tenants_by_tokens_this_month(
     quiet = services.create_tenant(name="Quiet tenant")
     now = timezone.now()
     month_start = datetime.combine(current_period_start(), datetime.min.time(), tzinfo=UTC)
-    log(alice.tenant, tokens=300, created_at=now)
-    log(alice.tenant, tokens=0, status_code=422, error_type="invalid_request_error")
-    log(charlie.tenant, tokens=200, created_at=now)
-    log(charlie.tenant, tokens=250, created_at=now)
+    usage_row(alice.tenant, tokens=300, created_at=now)
+    usage_row(alice.tenant, tokens=0, status_code=422, error_type="invalid_request_error")
+    usage_row(charlie.tenant, tokens=200, created_at=now)
+    usage_row(charlie.tenant, tokens=250, created_at=now)
     # Last month counts in the 30 days but not in this month's ranking.
-    log(quiet, tokens=10_000, created_at=month_start - timedelta(seconds=1))
+    usage_row(quiet, tokens=10_000, created_at=month_start - timedelta(seconds=1))
 
     response = operator_client.get("/admin/usage/")
 
@@ -302,7 +276,7 @@ def test_it_computes_the_portable_figures_as_postgresql_does(alice: Any, charlie
     rng = random.Random(3)
     now = timezone.now()
     for _ in range(400):
-        log(
+        usage_row(
             rng.choice([alice.tenant, charlie.tenant]),
             tokens=rng.randint(0, 50),
             status_code=rng.choice([200, 200, 200, 429]),
@@ -437,7 +411,7 @@ def test_it_draws_charts_on_the_server_with_nothing_fetched_from_elsewhere(
     operator_client: Client, alice: Any, settings: Any
 ) -> None:
     settings.PROMETHEUS_URL = "http://prometheus.internal:9090"
-    log(alice.tenant, tokens=10)
+    usage_row(alice.tenant, tokens=10)
 
     for url in ("/admin/usage/", f"/admin/usage/tenant/{alice.tenant.pk}/"):
         html = operator_client.get(url).content.decode()
