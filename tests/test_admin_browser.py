@@ -229,6 +229,9 @@ def test_it_shows_an_operator_the_usage_dashboard_and_a_tenants_usage(
     browser.get(f"{live_server.url}/admin/accounts/apikey/add/?tenant={top.pk}")
     browser.find_element(By.NAME, "name").send_keys("browser key")
     browser.find_element(By.NAME, "_save").click()
+    WebDriverWait(browser, 30).until(
+        expected_conditions.presence_of_element_located((By.ID, "new-api-key"))
+    )
     secret = browser.find_element(By.ID, "new-api-key").get_attribute("value")
     api_key = ApiKey.objects.get(name="browser key")
     assert api_key.tenant == top

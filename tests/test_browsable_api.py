@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -255,11 +256,10 @@ def test_it_lets_staff_embed_korean_text_from_a_real_browser(
         driver.save_screenshot(str(output_dir / "browsable-embed-form.png"))
 
         driver.find_element(By.CSS_SELECTOR, "#post-generic-content-form button").click()
-        WebDriverWait(driver, 20).until(
-            lambda d: (
-                "HTTP 200" in d.find_element(By.CSS_SELECTOR, ".request-info").text
-                or "POST" in d.find_element(By.CSS_SELECTOR, ".request-info").text
-            )
+        # The form posts and the page is replaced: an element read while that happens goes
+        # stale, so the wait ignores that and looks again until the answer is there.
+        WebDriverWait(driver, 20, ignored_exceptions=[StaleElementReferenceException]).until(
+            lambda d: '"embedding": [' in d.find_element(By.CSS_SELECTOR, ".response-info").text
         )
         answer = driver.find_element(By.CSS_SELECTOR, ".response-info").text
         driver.save_screenshot(str(output_dir / "browsable-embed-answer.png"))
