@@ -60,6 +60,10 @@ def _reject(message: str, code: str) -> NoReturn:
     raise AuthenticationFailed(message, code=code)
 
 
+def _reject_expired() -> NoReturn:
+    _reject("The token has expired; get a new one (log in again).", "token_expired")
+
+
 def _verification_key(header: dict[str, Any]) -> tuple[Any, str]:
     """The key that must have signed a token with this header, and its algorithm."""
     alg = header.get("alg")
@@ -126,7 +130,7 @@ def _decode(token: str, key: Any, alg: str) -> dict[str, Any]:
     except pyjwt.InvalidSignatureError:
         _reject("The token's signature is not valid.", "invalid_signature")
     except pyjwt.ExpiredSignatureError:
-        _reject("The token has expired; get a new one (log in again).", "token_expired")
+        _reject_expired()
     except pyjwt.ImmatureSignatureError:
         _reject("The token is not valid yet (nbf or iat is in the future).", "token_not_yet_valid")
     except pyjwt.MissingRequiredClaimError as exc:
@@ -208,7 +212,7 @@ def verify_supabase_token(token: str) -> SupabaseClaims:
     assert claims is not None
     expires_at = claims.expires_at
     if expires_at is not None and expires_at + settings.SUPABASE_JWT_LEEWAY_SECONDS <= time.time():
-        _reject("The token has expired; get a new one (log in again).", "token_expired")
+        _reject_expired()
     return claims
 
 

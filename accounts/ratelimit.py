@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.cache import caches
-from django_ratelimit.core import _make_cache_key, get_usage
+from django_ratelimit.core import _get_window, _make_cache_key, get_usage
 from rest_framework.request import Request
 
 from accounts.models import Tenant
@@ -72,26 +71,25 @@ def _tenant_key(tenant: Tenant) -> str:
     return f"tenant:{tenant.pk}"
 
 
-def _window_end(key: str) -> int:
-    # The same jittered window django-ratelimit uses, so both counters reset together.
-    now = int(time.time())
-    end = now - (now % WINDOW_SECONDS) + (zlib.crc32(key.encode()) % WINDOW_SECONDS)
-    return end + WINDOW_SECONDS if end < now else end
-
-
 def _tokens_key(tenant_key: str, limit: int) -> tuple[str, int]:
-    """The cache key of the current tokens window and the seconds until it resets."""
-    window = _window_end(tenant_key)
+    """The cache key of the current tokens window and the seconds until it resets: the jittered
+    window django-ratelimit gives the requests counter, so both reset together."""
+    window = _get_window(tenant_key, WINDOW_SECONDS)
     rate = f"{limit}/{WINDOW_SECONDS}s"
     return _make_cache_key(TOKENS_GROUP, window, rate, tenant_key, None), window - int(time.time())
 
 
+def _tokens_used(key: str) -> int:
+    try:
+        return int(caches[settings.RATELIMIT_USE_CACHE].get(key, 0))
+    except Exception as exc:
+        raise CacheUnavailable(str(exc)) from exc
+
+
 def _add_tokens(key: str, tokens: int) -> int:
-    """Adds `tokens` to a window's counter (0 just reads it); the count after."""
+    """Adds `tokens` to a window's counter; the count after."""
     cache = caches[settings.RATELIMIT_USE_CACHE]
     try:
-        if not tokens:
-            return int(cache.get(key, 0))
         try:
             # One round trip in the common case: the window's counter exists already.
             return int(cache.incr(key, tokens))
@@ -180,7 +178,7 @@ def with_remaining_tokens(state: RateLimitState) -> RateLimitState:
     """Fills in the tokens left this minute, for a response that did not charge any."""
     if state.remaining_tokens is None:
         try:
-            state.remaining_tokens = state.limit_tokens - _add_tokens(state.tokens_key, 0)
+            state.remaining_tokens = state.limit_tokens - _tokens_used(state.tokens_key)
         except CacheUnavailable:
             state.remaining_tokens = state.limit_tokens  # unknown: the headers claim no use
     return state

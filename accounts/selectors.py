@@ -79,7 +79,8 @@ def tenants_named(ref: str) -> list[Tenant]:
 
 
 def api_key_by_prefix(prefix: str) -> ApiKey | None:
-    return ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
+    """The key with this public prefix, with its tenant and plan (what a request needs)."""
+    return ApiKey.objects.select_related("tenant__plan").filter(prefix=prefix).first()
 
 
 def membership_for(*, user: AbstractBaseUser, tenant_ref: str | None) -> Membership | None:

@@ -7,7 +7,7 @@ import hmac
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 
 from django.conf import settings
@@ -27,7 +27,12 @@ from accounts.models import (
     Tenant,
     UsageLog,
 )
-from accounts.selectors import current_period_start, effective_limits, period_use
+from accounts.selectors import (
+    api_key_by_prefix,
+    current_period_start,
+    effective_limits,
+    period_use,
+)
 from embedplatform.errors import QuotaExceeded
 
 User = get_user_model()
@@ -147,8 +152,13 @@ def _create_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
     raise IntegrityError(f"could not provision the Supabase user {subject!r}")
 
 
-# How stale `SupabaseIdentity.last_seen_at` may get: one write a minute per active user at most.
+# How stale `SupabaseIdentity.last_seen_at` and `ApiKey.last_used_at` may get: one write a
+# minute per active user or key at most.
 LAST_SEEN_PRECISION_SECONDS = 60
+
+
+def _stale(seen_at: datetime | None, now: datetime) -> bool:
+    return seen_at is None or (now - seen_at).total_seconds() >= LAST_SEEN_PRECISION_SECONDS
 
 
 def provision_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
@@ -175,7 +185,7 @@ def note_sign_in(*, identity: SupabaseIdentity, email: str) -> None:
         changes["email"] = identity.email = email
         User.objects.filter(pk=user.pk).update(email=email)
         user.email = email
-    if (now - identity.last_seen_at).total_seconds() >= LAST_SEEN_PRECISION_SECONDS:
+    if _stale(identity.last_seen_at, now):
         changes["last_seen_at"] = identity.last_seen_at = now
     if changes:
         SupabaseIdentity.objects.filter(pk=identity.pk).update(**changes)
@@ -237,12 +247,7 @@ def find_api_key(*, raw_key: str) -> ApiKey | None:
     """The key row for a presented secret, or None; the public prefix finds the row (a unique
     index), and the hashes are compared in constant time."""
     prefix = api_key_prefix(raw_key)
-    api_key = remembered(
-        ("api-key", prefix),
-        lambda: (
-            ApiKey.objects.select_related("tenant", "tenant__plan").filter(prefix=prefix).first()
-        ),
-    )
+    api_key = remembered(("api-key", prefix), lambda: api_key_by_prefix(prefix))
     if api_key is None or not hmac.compare_digest(api_key.hashed_key, hash_api_key(raw_key)):
         return None
     return api_key
@@ -251,7 +256,7 @@ def find_api_key(*, raw_key: str) -> ApiKey | None:
 def touch_api_key(*, api_key: ApiKey) -> None:
     """Keeps `last_used_at` at minute precision, so a busy key costs one write a minute."""
     now = timezone.now()
-    if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() >= 60:
+    if _stale(api_key.last_used_at, now):
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
         api_key.last_used_at = now
 
@@ -319,7 +324,7 @@ class UsageRecord:
     error_type: str = ""
 
 
-def _log(record: UsageRecord, *, tokens: int) -> UsageLog:
+def _log(record: UsageRecord) -> UsageLog:
     return UsageLog.objects.create(
         tenant=record.caller.tenant,
         user_id=record.caller.user_id,
@@ -327,7 +332,7 @@ def _log(record: UsageRecord, *, tokens: int) -> UsageLog:
         endpoint=record.endpoint,
         model=record.model,
         inputs=record.inputs,
-        tokens=tokens,
+        tokens=record.tokens,
         status_code=record.status_code,
         error_type=record.error_type,
         latency_ms=record.latency_ms,
@@ -413,7 +418,7 @@ def charge_and_log(*, record: UsageRecord) -> None:
         _saw_spent(tenant_id=tenant.pk, period_start=period_start, tokens=spent)
         if not charged:
             raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
-        _log(record, tokens=record.tokens)
+        _log(record)
 
 
 def _charge(*, tenant: Tenant, period_start: date, quota: int, record: UsageRecord) -> bool:
@@ -427,4 +432,4 @@ def _charge(*, tenant: Tenant, period_start: date, quota: int, record: UsageReco
 
 def log_refusal(*, record: UsageRecord) -> UsageLog:
     """A refused request is logged, and charged nothing."""
-    return _log(record, tokens=0)
+    return _log(replace(record, tokens=0))

@@ -21,7 +21,7 @@ from django.conf import settings
 
 from embeddings.batching import Batcher
 from embedplatform import metrics
-from embedplatform.cpus import available_cores
+from embedplatform.cpus import torch_threads_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +125,10 @@ def accepted_model_names(served: str) -> set[str]:
 
 
 def torch_threads() -> int:
-    """Workers x torch threads must not exceed the cores: oversubscribed, every forward pass
-    waits on the others (measured: 2 workers x 2 threads on 2 cores is 8x slower than 2 x 1)."""
+    """TORCH_THREADS, else this worker's share of the cores (gunicorn.conf.py sets both)."""
     if settings.TORCH_THREADS > 0:
         return settings.TORCH_THREADS
-    return max(1, available_cores() // max(1, settings.WEB_CONCURRENCY))
+    return torch_threads_per_worker(settings.WEB_CONCURRENCY)
 
 
 def _explain_load_failure(source: str, exc: Exception) -> str:

@@ -19,7 +19,7 @@ from rest_framework.request import Request
 from accounts import services as accounts
 from accounts.models import Tenant
 from accounts.ratelimit import RateLimitState, consume_tokens, refund_tokens
-from accounts.selectors import effective_limits
+from accounts.selectors import Limits, effective_limits
 from embeddings.runtime import Runtime, get_runtime
 from embedplatform import metrics
 from embedplatform.errors import (
@@ -41,8 +41,9 @@ class MeteredCall:
     started: float = field(default_factory=time.perf_counter)
     model: str = ""
     inputs: int = 0
-    tokens: int = 0
     recorded: bool = False
+    # The tenant's limits, worked out once with its rate-limit step.
+    limits: Limits | None = None
     rate_limit: RateLimitState | None = None
     # Milliseconds per phase, sent back as Server-Timing so callers (and bench/) can see where a
     # request's time went: the identity layer versus the model.
@@ -71,14 +72,16 @@ class MeteredCall:
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
 
-    def usage_record(self, *, status_code: int, error_type: str = "") -> accounts.UsageRecord:
+    def usage_record(
+        self, *, status_code: int, tokens: int = 0, error_type: str = ""
+    ) -> accounts.UsageRecord:
         assert self.caller is not None
         return accounts.UsageRecord(
             caller=self.caller,
             endpoint=self.endpoint,
             model=self.model,
             inputs=self.inputs,
-            tokens=self.tokens,
+            tokens=tokens,
             status_code=status_code,
             latency_ms=self.elapsed_ms(),
             request_id=self.request_id,
@@ -151,7 +154,7 @@ def embed(
     (`accounts.ratelimit.count_request`, in the view)."""
     runtime = require_runtime()
     tenant = call.tenant
-    limits = effective_limits(tenant)
+    limits = call.limits or effective_limits(tenant)
     call.inputs = len(texts)
     if len(texts) > limits.max_texts_per_request:
         raise PayloadTooLarge(
@@ -173,13 +176,11 @@ def embed(
         with call.timed("model"):
             vectors = runtime.embed(texts, prompt=prompt, token_counts=token_counts)
         shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
-        call.tokens = tokens
         with call.timed("charge"):
-            accounts.charge_and_log(record=call.usage_record(status_code=200))
+            accounts.charge_and_log(record=call.usage_record(status_code=200, tokens=tokens))
     except BaseException as exc:
         # Not served: the minute's token budget gets its tokens back, and the view logs the
         # refusal with zero tokens.
-        call.tokens = 0
         refund_tokens(state=call.rate_limit)
         if isinstance(exc, QuotaExceeded):
             metrics.QUOTA_EXCEEDED.inc()

@@ -80,9 +80,8 @@ class MeteredEmbedView(BrowsableForm, APIView):
         with call.timed("auth"):
             super().initial(request, *args, **kwargs)
         with call.timed("ratelimit"):
-            call.rate_limit = count_request(
-                request=request, tenant=call.tenant, limits=effective_limits(call.tenant)
-            )
+            call.limits = effective_limits(call.tenant)
+            call.rate_limit = count_request(request=request, tenant=call.tenant, limits=call.limits)
 
     def perform_authentication(self, request: Request) -> None:
         super().perform_authentication(request)
@@ -103,7 +102,6 @@ class MeteredEmbedView(BrowsableForm, APIView):
             data = response.data if isinstance(response.data, dict) else {}
             error_type = str(data.get("error", {}).get("type", "error"))
         if call.caller is not None and not call.recorded:
-            call.tokens = 0
             accounts.log_refusal(
                 record=call.usage_record(status_code=response.status_code, error_type=error_type)
             )

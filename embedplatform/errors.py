@@ -200,7 +200,8 @@ def json_error(
     return JsonResponse(body, status=status_code, headers=headers)
 
 
-def _from_api_error(exc: exceptions.APIException) -> JsonResponse:
+def api_error_response(exc: exceptions.APIException) -> JsonResponse:
+    """An API error as a plain Django response, for code outside DRF views."""
     status_code, body, headers = describe(exc)
     return JsonResponse(body, status=status_code, headers=headers)
 
@@ -213,7 +214,7 @@ SERVER_ERROR_BODY = error_body(
 # Django-level handlers for requests that never reach a DRF view (unknown paths, middleware errors).
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     if isinstance(exception, RequestDataTooBig):
-        return _from_api_error(request_too_large())
+        return api_error_response(request_too_large())
     return json_error(
         400, "The request could not be understood.", error_type=INVALID_REQUEST, code="bad_request"
     )

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 import environ  # noqa: E402
 
-from embedplatform.cpus import available_cores  # noqa: E402
+from embedplatform.cpus import available_cores, torch_threads_per_worker  # noqa: E402
 from embedplatform.jsonlog import JsonFormatter  # noqa: E402
 
 # The same .env the Django settings read, so WEB_CONCURRENCY and friends can live there too.
@@ -84,7 +84,7 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
 os.environ["EMBEDPLATFORM_SERVING"] = "1"
 os.environ["WEB_CONCURRENCY"] = str(workers)
 if _env_int("TORCH_THREADS", 0) <= 0:
-    os.environ["TORCH_THREADS"] = str(max(1, cores // workers))
+    os.environ["TORCH_THREADS"] = str(torch_threads_per_worker(workers, cores))
 # Progress bars (model download, weight loading) would put non-JSON lines in the log.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

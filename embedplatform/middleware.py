@@ -8,9 +8,9 @@ import uuid
 from collections.abc import Callable
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse
 
-from embedplatform.errors import describe, request_too_large
+from embedplatform.errors import api_error_response, request_too_large
 
 # Accept a caller's id only when it is short and plain, so it is safe to log and to echo back.
 _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -67,8 +67,7 @@ class ChunkedBodyMiddleware:
             limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
             body = meta["wsgi.input"].read(limit + 1)
             if len(body) > limit:
-                status_code, payload, headers = describe(request_too_large())
-                return JsonResponse(payload, status=status_code, headers=headers)
+                return api_error_response(request_too_large())
             meta["CONTENT_LENGTH"] = str(len(body))
             request._stream = io.BytesIO(body)  # type: ignore[attr-defined]
         return self.get_response(request)
