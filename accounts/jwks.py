@@ -142,7 +142,6 @@ class SupabaseJwksClient(pyjwt.PyJWKClient):
         self.clock = clock
         # The cache reads the clock through the client, so that replacing `clock` moves both.
         self.jwk_set_cache = _ClockedJwkSetCache(max_age, lambda: self.clock())
-        self.fetches = 0
         self._last_attempt = float("-inf")
         self._last_failure = float("-inf")
 
@@ -152,7 +151,6 @@ class SupabaseJwksClient(pyjwt.PyJWKClient):
         if now - self._last_failure < FAILURE_BACKOFF_SECONDS:
             raise pyjwt.PyJWKClientConnectionError("the keys could not be fetched moments ago")
         self._last_attempt = now
-        self.fetches += 1
         request = urllib.request.Request(self.uri, headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
