@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 from rest_framework.test import APIRequestFactory
 
@@ -393,6 +394,39 @@ def test_it_fetches_the_keys_once_for_many_concurrent_first_tokens(
         thread.join(timeout=10)
     assert len(subjects) == 16
     assert supabase.jwks_requests == 1
+
+
+def test_it_serves_known_keys_while_a_refetch_for_an_unknown_kid_hangs(
+    supabase: FakeSupabase, settings: Any
+) -> None:
+    settings.SUPABASE_JWKS_REFETCH_SECONDS = 0
+    known = supabase.add_key("ES256")
+    verify_supabase_token(supabase.mint(known))
+    supabase.stall_jwks_seconds = 1.5  # under the 2 s fetch timeout
+    unknown = SigningKey(
+        kid=str(uuid.uuid4()), algorithm="ES256", private_key=generate_key("ES256").private_key
+    )
+    refused: list[str] = []
+
+    def verify_unknown() -> None:
+        try:
+            verify_supabase_token(supabase.mint(unknown))
+        except AuthenticationFailed as exc:
+            refused.append(str(exc.get_codes()))
+
+    refetching = threading.Thread(target=verify_unknown)
+    refetching.start()
+    deadline = time.monotonic() + 5
+    while supabase.jwks_requests < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the refetch is under way, holding the client's lock
+    assert supabase.jwks_requests == 2
+
+    started = time.monotonic()
+    assert verify_supabase_token(supabase.mint(known)).subject
+    assert time.monotonic() - started < 0.5
+    refetching.join(timeout=10)
+    assert refused == ["unknown_signing_key"]
+    assert supabase.jwks_requests == 2
 
 
 @pytest.mark.django_db
