@@ -171,3 +171,12 @@ def test_it_refuses_a_cool_off_that_would_lock_out_for_good(tmp_path: Path) -> N
     )
     assert result.returncode != 0
     assert "AXES_COOLOFF_MINUTES must be above 0" in result.stderr
+
+
+def test_it_shows_operators_the_recorded_attempts_in_the_admin(
+    operator: Any, operator_client: Client
+) -> None:
+    guess_until_locked_out(Client(), REMOTE_ADDR="203.0.113.66")
+    page = operator_client.get("/admin/axes/accessattempt/")
+    assert page.status_code == 200
+    assert "203.0.113.66" in page.content.decode()
