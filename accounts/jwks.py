@@ -1,34 +1,34 @@
 """The Supabase project's public signing keys (its JWKS), fetched over HTTP and cached.
 
 Supabase publishes the public half of its asymmetric signing keys (ES256, RS256) at
-`<SUPABASE_URL>/auth/v1/.well-known/jwks.json`. Tokens name their key by `kid`. The key set is
-kept in memory for at most SUPABASE_JWKS_CACHE_SECONDS, and never longer than ten minutes; a
-token with a `kid` the cache does not know triggers a refetch, at most once every
-SUPABASE_JWKS_REFETCH_SECONDS, so that a key rotation is picked up without a restart while a
-stream of tokens with made-up `kid`s cannot turn the service into a flood of requests to
-Supabase.
+`<SUPABASE_URL>/auth/v1/.well-known/jwks.json`. Tokens name their key by `kid`.
 
-Thread-safe for gthread workers: readers take the current key set without a lock (it is replaced
-whole, never mutated); one fetch runs at a time, and threads waiting for it reuse its result.
+PyJWT's `PyJWKClient` does the caching: the key set lives for SUPABASE_JWKS_CACHE_SECONDS (never
+more than ten minutes), one fetch runs at a time under its lock, and a `kid` the set does not
+know refetches at most once every SUPABASE_JWKS_REFETCH_SECONDS (its cooldown), so that a key
+rotation is picked up without a restart while made-up `kid`s cannot flood Supabase with requests.
+`SupabaseJwksClient` adds what PyJWT leaves out: a size cap on the document, a filter that trusts
+only asymmetric signature keys, a back-off after a failed fetch, and an injectable clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
+from collections.abc import Callable
+from http.client import HTTPException
 from typing import Any
 
 import jwt as pyjwt
 from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
+from jwt.api_jwk import PyJWTSetWithTimestamp
+from jwt.jwk_set_cache import JWKSetCache
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,11 @@ MIN_RSA_KEY_BITS = 2048
 # must stop verifying tokens within ten minutes.
 MAX_JWKS_CACHE_SECONDS = 600
 
+Clock = Callable[[], float]
+
 
 class JwksUnavailable(Exception):
     """No fresh key set could be had: the JWKS endpoint failed and the cache is empty or expired."""
-
-
-@dataclass(frozen=True)
-class KeySet:
-    keys: Mapping[str, pyjwt.PyJWK]
-    fetched_at: float
 
 
 def parse_jwks(document: Any) -> dict[str, pyjwt.PyJWK]:
@@ -90,22 +86,38 @@ def parse_jwks(document: Any) -> dict[str, pyjwt.PyJWK]:
     return keys
 
 
-def fetch_jwks(*, url: str, timeout: float, apikey: str = "") -> dict[str, pyjwt.PyJWK]:
-    if not url.startswith(("https://", "http://")):
-        raise ValueError("SUPABASE_JWKS_URL must be an http(s) URL")
-    headers = {"Accept": "application/json", "User-Agent": "embedplatform-jwks"}
-    if apikey:
-        # Harmless where the endpoint is public; needed behind gateways that want the anon key.
-        headers["apikey"] = apikey
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        body = response.read(MAX_JWKS_BYTES + 1)
-    if len(body) > MAX_JWKS_BYTES:
-        raise ValueError("the JWKS document is too large")
-    return parse_jwks(json.loads(body))
+class VettedKeySet(pyjwt.PyJWKSet):
+    """A `PyJWKSet` of keys `parse_jwks` accepted. Unlike PyJWT's own it may be empty, which is
+    what a project still on the legacy secret publishes."""
+
+    def __init__(self, keys: dict[str, pyjwt.PyJWK]) -> None:  # no super(): the keys are parsed
+        self.keys = list(keys.values())
 
 
-class JwksCache:
+class _ClockedJwkSetCache(JWKSetCache):
+    """PyJWT's key-set cache, aged by the client's clock rather than `time.monotonic`."""
+
+    def __init__(self, lifespan: float, clock: Clock) -> None:
+        super().__init__(lifespan)
+        self.clock = clock
+
+    def put(self, jwk_set: Any) -> None:
+        if not isinstance(jwk_set, pyjwt.PyJWKSet):
+            super().put(jwk_set)  # None clears; a raw document is parsed by PyJWT
+            return
+        stamped = PyJWTSetWithTimestamp(jwk_set)
+        stamped.timestamp = self.clock()
+        # One assignment: lock-free readers see the old set or the new one, never a mix.
+        self.jwk_set_with_timestamp = stamped
+
+    def is_expired(self) -> bool:
+        stamped = self.jwk_set_with_timestamp
+        return stamped is not None and self.clock() > stamped.get_timestamp() + self.lifespan
+
+
+class SupabaseJwksClient(pyjwt.PyJWKClient):
+    """`PyJWKClient` for a Supabase project's JWKS; see the module docstring for what it adds."""
+
     def __init__(
         self,
         *,
@@ -114,103 +126,116 @@ class JwksCache:
         refetch_interval: float,
         timeout: float,
         apikey: str = "",
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
-        self.url = url
-        self.max_age = max_age
-        self.refetch_interval = refetch_interval
-        self.timeout = timeout
-        self.apikey = apikey
+        headers = {"Accept": "application/json", "User-Agent": "embedplatform-jwks"}
+        if apikey:
+            # Harmless where the endpoint is public; needed behind gateways that want the anon key.
+            headers["apikey"] = apikey
+        super().__init__(
+            url,
+            lifespan=max_age,
+            cooldown_duration=refetch_interval,
+            headers=headers,
+            timeout=timeout,
+        )
         self.clock = clock
-        self.fetches = 0
-        self._keyset: KeySet | None = None
-        self._last_fetch = float("-inf")
+        # The cache reads the clock through the client, so that replacing `clock` moves both.
+        self.jwk_set_cache = _ClockedJwkSetCache(max_age, lambda: self.clock())
+        self._last_attempt = float("-inf")
         self._last_failure = float("-inf")
-        self._lock = threading.Lock()
 
-    def _fresh(self, keyset: KeySet | None, now: float) -> bool:
-        return keyset is not None and now - keyset.fetched_at < self.max_age
+    def fetch_data(self) -> VettedKeySet:
+        """The vetted key set, fetched now; PyJWKClientConnectionError when it cannot be."""
+        now = self.clock()
+        if now - self._last_failure < FAILURE_BACKOFF_SECONDS:
+            raise pyjwt.PyJWKClientConnectionError("the keys could not be fetched moments ago")
+        self._last_attempt = now
+        request = urllib.request.Request(self.uri, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                body = response.read(MAX_JWKS_BYTES + 1)
+            if len(body) > MAX_JWKS_BYTES:
+                raise ValueError("the JWKS document is too large")
+            keys = parse_jwks(json.loads(body))
+        except (OSError, ValueError, HTTPException) as exc:  # URLError and timeouts are OSErrors
+            self._last_failure = self.clock()
+            logger.warning(
+                "jwks_fetch_failed",
+                extra={"url": self.uri, "error": f"{type(exc).__name__}: {exc}"[:200]},
+            )
+            raise pyjwt.PyJWKClientConnectionError(str(exc)) from exc
+        logger.info("jwks_fetched", extra={"url": self.uri, "kids": sorted(keys)})
+        return VettedKeySet(keys)
+
+    def get_signing_key(self, kid: str) -> pyjwt.PyJWK:
+        """PyJWT's lookup (cached set, then one refetch for an unknown `kid` once the cooldown
+        has passed), timed by `clock`. A failed refetch leaves the still-fresh set in charge."""
+        with self._client_lock:
+            key = self.match_kid(self.get_jwk_set().keys, kid)
+            if key is None and self.clock() - self._last_attempt >= self.cooldown_duration:
+                # A failed refetch is logged by fetch_data; the kid is then unknown to our keys.
+                with contextlib.suppress(pyjwt.PyJWKClientConnectionError):
+                    key = self.match_kid(self.get_jwk_set(refresh=True).keys, kid)
+            if key is None:
+                raise pyjwt.PyJWKClientError(f"no signing key matches kid {kid[:64]!r}")
+            return key
 
     def signing_key(self, kid: str) -> pyjwt.PyJWK | None:
         """The key for `kid`, or None when the project does not publish it.
 
         Raises JwksUnavailable when keys are needed and none can be fetched."""
-        keyset = self._keyset
-        if self._fresh(keyset, self.clock()):
-            assert keyset is not None
-            key = keyset.keys.get(kid)
-            if key is not None:
-                return key
-        return self._refresh_for(kid)
-
-    def _refresh_for(self, kid: str) -> pyjwt.PyJWK | None:
-        with self._lock:
-            # Another thread may have fetched while this one waited for the lock.
-            now = self.clock()
-            keyset = self._keyset
-            fresh = self._fresh(keyset, now)
-            if fresh:
-                assert keyset is not None
-                if kid in keyset.keys:
-                    return keyset.keys[kid]
-                if now - self._last_fetch < self.refetch_interval:
-                    return None  # an unknown kid, and the keys were fetched moments ago
-            elif now - self._last_failure < FAILURE_BACKOFF_SECONDS:
-                raise JwksUnavailable("the signing keys could not be fetched moments ago")
-            self._last_fetch = now
-            self.fetches += 1
-            try:
-                keys = fetch_jwks(url=self.url, timeout=self.timeout, apikey=self.apikey)
-            except (OSError, ValueError, urllib.error.URLError) as exc:
-                self._last_failure = self.clock()
-                logger.warning(
-                    "jwks_fetch_failed",
-                    extra={"url": self.url, "error": f"{type(exc).__name__}: {exc}"[:200]},
-                )
-                if fresh:
-                    return None
-                raise JwksUnavailable(str(exc)) from exc
-            self._keyset = KeySet(keys=MappingProxyType(keys), fetched_at=self.clock())
-            logger.info("jwks_fetched", extra={"url": self.url, "kids": sorted(keys)})
-            return keys.get(kid)
+        assert self.jwk_set_cache is not None
+        # Known keys are served without the lock, so a slow fetch for an unknown kid never
+        # holds up tokens signed with a key already in hand.
+        cached = self.jwk_set_cache.get()
+        if cached is not None and (key := self.match_kid(cached.keys, kid)) is not None:
+            return key
+        try:
+            return self.get_signing_key(kid)
+        except pyjwt.PyJWKClientConnectionError as exc:
+            raise JwksUnavailable(str(exc)) from exc
+        except pyjwt.PyJWKClientError:
+            return None
 
 
-_caches: dict[tuple[Any, ...], JwksCache] = {}
-_caches_lock = threading.Lock()
+_clients: dict[tuple[Any, ...], SupabaseJwksClient] = {}
+_clients_lock = threading.Lock()
 
 
-def get_jwks_cache() -> JwksCache | None:
-    """The process's cache for the configured JWKS URL; None when none is configured."""
+def get_jwks_cache() -> SupabaseJwksClient | None:
+    """The process's JWKS client for the configured URL; None when none is configured."""
     url = settings.SUPABASE_JWKS_URL
     if not url:
         return None
     config = (
         url,
-        min(settings.SUPABASE_JWKS_CACHE_SECONDS, MAX_JWKS_CACHE_SECONDS),
+        # PyJWT wants a lifespan above zero; a second is as good as no cache here.
+        max(1, min(settings.SUPABASE_JWKS_CACHE_SECONDS, MAX_JWKS_CACHE_SECONDS)),
         settings.SUPABASE_JWKS_REFETCH_SECONDS,
         settings.SUPABASE_JWKS_TIMEOUT_SECONDS,
         settings.SUPABASE_ANON_KEY,
     )
-    cache = _caches.get(config)
-    if cache is None:
-        with _caches_lock:
-            cache = _caches.get(config)
-            if cache is None:
-                cache = JwksCache(
+    client = _clients.get(config)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(config)
+            if client is None:
+                client = SupabaseJwksClient(
                     url=url,
                     max_age=float(config[1]),
                     refetch_interval=float(config[2]),
                     timeout=float(config[3]),
                     apikey=str(config[4]),
                 )
-                _caches.clear()  # a changed configuration retires the old cache
-                _caches[config] = cache
-    return cache
+                _clients.clear()  # a changed configuration retires the old client
+                _clients[config] = client
+    return client
 
 
 def clear_jwks_cache() -> None:
-    with _caches_lock:
-        _caches.clear()
+    with _clients_lock:
+        _clients.clear()
 
 
 @receiver(setting_changed)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import jwt as pyjwt
 from django.conf import settings
+from jwt.exceptions import InvalidSubjectError
 from rest_framework.exceptions import AuthenticationFailed
 
 from accounts.credential_cache import remembered
@@ -40,6 +41,9 @@ PROJECT_KEY_ROLES = frozenset({"anon", "service_role"})
 USER_ROLE = "authenticated"
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 _PRINTABLE_ALG = re.compile(r"^[A-Za-z0-9]{1,16}$")
+# Claims that become rows: PostgreSQL text cannot hold NUL and UTF-8 cannot encode a lone
+# surrogate (both would be a 500), and no other control character belongs in an id or an address.
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -117,14 +121,16 @@ def _verification_key(header: dict[str, Any]) -> tuple[Any, str]:
 
 
 def _decode(token: str, key: Any, alg: str) -> dict[str, Any]:
+    issuer = f"{settings.SUPABASE_URL}/auth/v1" if settings.SUPABASE_URL else None
     try:
         claims = pyjwt.decode(
             token,
             key,
             algorithms=[alg],
+            audience=settings.SUPABASE_JWT_AUDIENCE,
+            issuer=issuer,
             leeway=settings.SUPABASE_JWT_LEEWAY_SECONDS,
-            # aud and iss are checked below, one by one, to say which of them is wrong.
-            options={"require": ["exp"], "verify_aud": False, "verify_iss": False},
+            options={"require": ["exp"]},
         )
     # InvalidSignatureError is a DecodeError, so it comes first.
     except pyjwt.InvalidSignatureError:
@@ -133,8 +139,14 @@ def _decode(token: str, key: Any, alg: str) -> dict[str, Any]:
         _reject_expired()
     except pyjwt.ImmatureSignatureError:
         _reject("The token is not valid yet (nbf or iat is in the future).", "token_not_yet_valid")
+    except (pyjwt.InvalidAudienceError, pyjwt.InvalidIssuerError) as exc:
+        _reject_audience_or_issuer(token, exc)
     except pyjwt.MissingRequiredClaimError as exc:
+        if exc.claim in {"aud", "iss"}:
+            _reject_audience_or_issuer(token, exc)
         _reject(f"The token has no {exc.claim} claim.", "missing_claim")
+    except InvalidSubjectError:  # a `sub` that is not a string
+        _reject_missing_subject()
     except pyjwt.InvalidAlgorithmError:
         _reject("The token's algorithm does not match its key.", "algorithm_mismatch")
     except pyjwt.InvalidKeyError:
@@ -146,36 +158,50 @@ def _decode(token: str, key: Any, alg: str) -> dict[str, Any]:
     return claims
 
 
-def _check_claims(claims: dict[str, Any]) -> SupabaseClaims:
-    role = claims.get("role")
-    # Checked first: a list or object here would make the set lookup below raise TypeError.
-    if not isinstance(role, str | None):
-        _reject(f"The token's role must be {USER_ROLE!r}.", "invalid_role")
-    if role in PROJECT_KEY_ROLES:
+def _reject_audience_or_issuer(
+    token: str, exc: pyjwt.InvalidTokenError | pyjwt.MissingRequiredClaimError
+) -> NoReturn:
+    # PyJWT checks claims only once the signature holds, so the payload can be read here. A
+    # project key (anon, service_role) has neither our audience nor our issuer, and deserves
+    # the answer that says what it is.
+    _reject_project_key(pyjwt.decode(token, options={"verify_signature": False}).get("role"))
+    missing = isinstance(exc, pyjwt.MissingRequiredClaimError)
+    if isinstance(exc, pyjwt.InvalidIssuerError) or (missing and exc.claim == "iss"):
+        _reject("The token was not issued by this service's Supabase project.", "invalid_issuer")
+    if missing:
+        _reject("The token has no audience (aud).", "invalid_audience")
+    _reject(
+        f"The token is not meant for this service (aud is not {settings.SUPABASE_JWT_AUDIENCE!r}).",
+        "invalid_audience",
+    )
+
+
+def _reject_project_key(role: Any) -> None:
+    if isinstance(role, str) and role in PROJECT_KEY_ROLES:
         _reject(
             f"This is the Supabase project's {role} key, not a user's access token; log in and "
             "send the access token you get.",
             "not_a_user_token",
         )
-    audience = claims.get("aud")
-    audiences = audience if isinstance(audience, list) else [audience]
-    if audience is None:
-        _reject("The token has no audience (aud).", "invalid_audience")
-    if settings.SUPABASE_JWT_AUDIENCE not in audiences:
-        _reject(
-            f"The token is not meant for this service (aud is not "
-            f"{settings.SUPABASE_JWT_AUDIENCE!r}).",
-            "invalid_audience",
-        )
-    if settings.SUPABASE_URL and claims.get("iss") != f"{settings.SUPABASE_URL}/auth/v1":
-        _reject("The token was not issued by this service's Supabase project.", "invalid_issuer")
+
+
+def _reject_missing_subject() -> NoReturn:
+    _reject("The token names no user (no sub).", "missing_subject")
+
+
+def _check_claims(claims: dict[str, Any]) -> SupabaseClaims:
+    """What PyJWT does not check: who the token is for, in values the database can store."""
+    role = claims.get("role")
+    _reject_project_key(role)
     if role != USER_ROLE:
         _reject(f"The token's role must be {USER_ROLE!r}.", "invalid_role")
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject.strip():
-        _reject("The token names no user (no sub).", "missing_subject")
+        _reject_missing_subject()
     if len(subject) > MAX_SUBJECT_LENGTH:
         _reject("The token's subject (sub) is too long.", "invalid_subject")
+    if _UNSTORABLE.search(subject):
+        _reject("The token's subject (sub) contains control characters.", "invalid_subject")
     is_anonymous = claims.get("is_anonymous") is True
     if is_anonymous and not settings.ALLOW_ANONYMOUS_USERS:
         _reject(
@@ -185,6 +211,8 @@ def _check_claims(claims: dict[str, Any]) -> SupabaseClaims:
     email = claims.get("email")
     if not isinstance(email, str) or len(email) > MAX_EMAIL_LENGTH:
         email = ""
+    if _UNSTORABLE.search(email):
+        _reject("The token's email contains control characters.", "invalid_email")
     return SupabaseClaims(
         subject=subject, email=email, role=role, is_anonymous=is_anonymous, claims=claims
     )

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -65,6 +67,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "django_prometheus",
     "rest_framework",
     "drf_spectacular",
@@ -87,7 +90,14 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Answers a locked-out admin login; axes wants it after the other middleware.
+    "axes.middleware.AxesMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+# Axes first: it refuses a locked-out username and address before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "embedplatform.urls"
@@ -212,6 +222,24 @@ AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
 # Seconds a worker may skip the quota pre-check's query for a tenant it saw far (10%) from its
 # quota; 0 queries every time. The charge is atomic regardless: nothing can overspend.
 QUOTA_PRECHECK_CACHE_SECONDS = env.float("QUOTA_PRECHECK_CACHE_SECONDS", default=5.0)
+
+# --- Admin login throttling (django-axes) ------------------------------------------------------
+AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+# Every lockout ends by itself, so no guessing (nor an operator's own typos) can shut the admin
+# for good; `manage.py axes_reset_username <name>` ends one at once.
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("AXES_COOLOFF_MINUTES", default=15))
+if AXES_COOLOFF_TIME.total_seconds() <= 0:
+    raise ImproperlyConfigured("AXES_COOLOFF_MINUTES must be above 0: lockouts must end.")
+# Per username and address together: guesses from elsewhere cannot lock an operator out.
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+# Guesses made while locked out do not push the end of the lockout further away.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_RESET_ON_SUCCESS = True
+# Reverse proxies in front that append to X-Forwarded-For (1 behind nginx); 0 ignores the header.
+AXES_TRUSTED_PROXY_COUNT = env.int("AXES_TRUSTED_PROXY_COUNT", default=0)
+AXES_CLIENT_IP_CALLABLE = "accounts.login_throttling.client_ip"
+AXES_LOCKOUT_CALLABLE = "accounts.login_throttling.lockout_response"
 
 # --- Plans, quotas and rate limits ------------------------------------------------------------
 RATE_LIMIT_PER_MIN = env.int("RATE_LIMIT_PER_MIN", default=60)

@@ -8,6 +8,7 @@ test_auth_matrix.py.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 import uuid
@@ -17,7 +18,9 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.contrib.auth import get_user_model
+from django.db import connection
 from django.test import Client
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 from rest_framework.test import APIRequestFactory
 
@@ -180,6 +183,78 @@ def test_it_checks_the_issuer_only_when_a_supabase_url_is_configured(settings: A
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("claims", "code"),
+    [
+        pytest.param({"aud": [123]}, "invalid_audience", id="audience-not-a-string"),
+        pytest.param({"aud": ["storage", "realtime"]}, "invalid_audience", id="other-audiences"),
+        pytest.param({"iss": None}, "invalid_issuer", id="no-issuer"),
+        pytest.param({"iss": 7}, "invalid_issuer", id="issuer-not-a-string"),
+        pytest.param({"role": "anon"}, "not_a_user_token", id="anon-role-with-our-audience"),
+        pytest.param(
+            {"role": "service_role", "aud": None}, "not_a_user_token", id="service-role-no-aud"
+        ),
+        pytest.param({"sub": 42}, "missing_subject", id="subject-not-a-string"),
+    ],
+)
+def test_it_names_what_is_wrong_with_audience_issuer_role_and_subject(
+    supabase: FakeSupabase, claims: dict[str, Any], code: str
+) -> None:
+    payload = pyjwt.decode(supabase.mint(None), options={"verify_signature": False})
+    payload.update(claims)
+    payload = {name: value for name, value in payload.items() if value is not None}
+    # Signed as bytes: PyJWT's own encoder refuses some of these payloads.
+    token = pyjwt.PyJWS().encode(json.dumps(payload).encode(), supabase.jwt_secret, "HS256")
+    assert_error(usage(token), 401, error_type="authentication_error", code=code)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("claims", "code"),
+    [
+        pytest.param({"sub": "user\x00id"}, "invalid_subject", id="nul-in-subject"),
+        pytest.param({"sub": "\x1b[31mred"}, "invalid_subject", id="escape-in-subject"),
+        pytest.param({"sub": "half-\ud800-pair"}, "invalid_subject", id="surrogate-in-subject"),
+        pytest.param({"email": "eve\x00@example.com"}, "invalid_email", id="nul-in-email"),
+        pytest.param({"email": "eve@example.com\r\nBcc: x"}, "invalid_email", id="crlf-in-email"),
+        pytest.param({"email": "\ud83d@example.com"}, "invalid_email", id="surrogate-in-email"),
+    ],
+)
+@pytest.mark.parametrize("algorithm", ["HS256", "ES256"])
+def test_it_refuses_claims_the_database_cannot_store_with_401(
+    supabase: FakeSupabase,
+    fake_encoder: FakeEncoder,
+    claims: dict[str, Any],
+    code: str,
+    algorithm: str,
+) -> None:
+    """A validly signed token is still refused, before anything reaches PostgreSQL, when a claim
+    that becomes a row holds a NUL, a control character or half a surrogate pair."""
+    assert connection.vendor == "postgresql"
+    key = None if algorithm == "HS256" else supabase.add_key(algorithm)
+    token = supabase.mint(key, **claims)
+    users_before = User.objects.count()
+
+    for response in (usage(token), embed(token)):
+        error = assert_error(response, 401, error_type="authentication_error", code=code)
+        assert "control characters" in error["message"]
+        assert response["WWW-Authenticate"].startswith("Bearer")
+    assert User.objects.count() == users_before
+    assert not SupabaseIdentity.objects.exists()
+    assert not UsageLog.objects.exists()
+    assert fake_encoder.texts_encoded == 0
+
+
+@pytest.mark.django_db
+def test_it_accepts_a_subject_and_email_in_any_script(supabase: FakeSupabase) -> None:
+    subject = f"{uuid.uuid4()}-ünïcødé-日本"
+    token = supabase.mint(None, subject=subject, email="zoë@bücher.example")
+    assert usage(token).status_code == 200
+    identity = SupabaseIdentity.objects.get(subject=subject)
+    assert identity.email == "zoë@bücher.example"
+
+
+@pytest.mark.django_db
 def test_it_refuses_hs256_when_the_project_has_only_asymmetric_keys(
     supabase: FakeSupabase, settings: Any
 ) -> None:
@@ -203,11 +278,34 @@ def test_it_refuses_asymmetric_tokens_when_no_project_keys_are_configured(
 # --- The project's keys: rotation, caching, outages ---------------------------------------------
 
 
+class ManualClock:
+    """A clock that stands still until the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def jwks_clock() -> ManualClock:
+    """Hands the process's JWKS client (for the settings as they are now) a manual clock."""
+    client = get_jwks_cache()
+    assert client is not None
+    clock = ManualClock()
+    client.clock = clock
+    return clock
+
+
 @pytest.mark.django_db
 def test_it_picks_up_a_new_signing_key_without_a_restart(
     supabase: FakeSupabase, settings: Any
 ) -> None:
     settings.SUPABASE_JWKS_REFETCH_SECONDS = 1
+    clock = jwks_clock()
     old = supabase.add_key("ES256")
     assert usage(supabase.mint(old)).status_code == 200
     assert supabase.jwks_requests == 1
@@ -216,7 +314,7 @@ def test_it_picks_up_a_new_signing_key_without_a_restart(
     # Keys were fetched moments ago, so an unknown kid does not refetch yet...
     assert_error(usage(supabase.mint(new)), 401, code="unknown_signing_key")
     assert supabase.jwks_requests == 1
-    time.sleep(1.1)
+    clock.advance(1.1)
     # ...and does once the interval has passed.
     assert usage(supabase.mint(new)).status_code == 200
     assert supabase.jwks_requests == 2
@@ -229,13 +327,14 @@ def test_it_stops_accepting_a_withdrawn_key_once_the_cached_keys_expire(
     supabase: FakeSupabase, settings: Any
 ) -> None:
     settings.SUPABASE_JWKS_CACHE_SECONDS = 1
+    clock = jwks_clock()
     withdrawn, kept = supabase.add_key("ES256"), supabase.add_key("ES256")
     token = supabase.mint(withdrawn)
     assert usage(token).status_code == 200
     supabase.unpublish(withdrawn)
     assert usage(token).status_code == 200  # the keys are cached, for at most a second here
     assert supabase.jwks_requests == 1
-    time.sleep(1.1)
+    clock.advance(1.1)
     assert_error(usage(token), 401, code="unknown_signing_key")
     assert supabase.jwks_requests == 2
     assert usage(supabase.mint(kept)).status_code == 200
@@ -249,16 +348,13 @@ def test_it_keeps_the_projects_keys_ten_minutes_at_most_whatever_the_setting_say
     settings.SUPABASE_JWKS_CACHE_SECONDS = 24 * 3600
     withdrawn = supabase.add_key("ES256")
     token = supabase.mint(withdrawn)
-    cache = get_jwks_cache()
-    assert cache is not None
-    now = time.monotonic()
-    cache.clock = lambda: now  # ten minutes pass in a moment
+    clock = jwks_clock()  # ten minutes pass in a moment
     assert usage(token).status_code == 200
     supabase.unpublish(withdrawn)
 
-    now += 599
+    clock.advance(599)
     assert usage(token).status_code == 200
-    now += 2
+    clock.advance(2)
     assert_error(usage(token), 401, code="unknown_signing_key")
     assert supabase.jwks_requests == 2
 
@@ -298,6 +394,39 @@ def test_it_fetches_the_keys_once_for_many_concurrent_first_tokens(
         thread.join(timeout=10)
     assert len(subjects) == 16
     assert supabase.jwks_requests == 1
+
+
+def test_it_serves_known_keys_while_a_refetch_for_an_unknown_kid_hangs(
+    supabase: FakeSupabase, settings: Any
+) -> None:
+    settings.SUPABASE_JWKS_REFETCH_SECONDS = 0
+    known = supabase.add_key("ES256")
+    verify_supabase_token(supabase.mint(known))
+    supabase.stall_jwks_seconds = 1.5  # under the 2 s fetch timeout
+    unknown = SigningKey(
+        kid=str(uuid.uuid4()), algorithm="ES256", private_key=generate_key("ES256").private_key
+    )
+    refused: list[str] = []
+
+    def verify_unknown() -> None:
+        try:
+            verify_supabase_token(supabase.mint(unknown))
+        except AuthenticationFailed as exc:
+            refused.append(str(exc.get_codes()))
+
+    refetching = threading.Thread(target=verify_unknown)
+    refetching.start()
+    deadline = time.monotonic() + 5
+    while supabase.jwks_requests < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the refetch is under way, holding the client's lock
+    assert supabase.jwks_requests == 2
+
+    started = time.monotonic()
+    assert verify_supabase_token(supabase.mint(known)).subject
+    assert time.monotonic() - started < 0.5
+    refetching.join(timeout=10)
+    assert refused == ["unknown_signing_key"]
+    assert supabase.jwks_requests == 2
 
 
 @pytest.mark.django_db
