@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
@@ -134,3 +134,25 @@ class ModelDetailView(APIView):
             code="model_not_found",
             param="model",
         )
+
+
+# The same for clients whose base URL has no /v1 (as /embeddings is); only the documented
+# operation ids differ, which must be unique.
+@extend_schema_view(
+    get=extend_schema(
+        operation_id="openai_models_list_without_v1",
+        summary="List models (OpenAI-compatible, without /v1)",
+    )
+)
+class ModelsWithoutV1View(ModelsView):
+    pass
+
+
+@extend_schema_view(
+    get=extend_schema(
+        operation_id="openai_models_retrieve_without_v1",
+        summary="Retrieve a model (OpenAI-compatible, without /v1)",
+    )
+)
+class ModelDetailWithoutV1View(ModelDetailView):
+    pass
