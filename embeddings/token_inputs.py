@@ -28,6 +28,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
+from embeddings.services import require_runtime
 from embedplatform.errors import InvalidField
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,6 @@ def _decode_tiktoken(ids: list[int], position: int) -> str:
 
 
 def _decode_native(ids: list[int], position: int) -> str:
-    from embeddings.services import require_runtime
-
     encoder = require_runtime().encoder
     vocab = encoder.vocab_size
     if any(token_id >= vocab for token_id in ids):
