@@ -31,6 +31,10 @@ class EmbeddingsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from embeddings import token_inputs  # registers its system check
+
+        if is_serving_process():
+            token_inputs.prepare()
         if settings.MODEL_LOAD_ON_START and is_serving_process():
             from embeddings.runtime import ensure_loaded
 

@@ -195,28 +195,3 @@ def embed(
     return EmbeddingResult(
         vectors=shaped, model=runtime.encoder.name, dimensions=size, prompt_tokens=tokens
     )
-
-
-def decode_token_inputs(items: list[str | list[int]]) -> list[str]:
-    """OpenAI clients may send token ids; they are read with the served model's tokenizer."""
-    if not items or isinstance(items[0], str):
-        return [str(item) for item in items]
-    runtime = require_runtime()
-    vocab = runtime.encoder.vocab_size
-    texts = []
-    for position, ids in enumerate(items):
-        assert isinstance(ids, list)
-        if any(token_id >= vocab for token_id in ids):
-            raise InvalidField(
-                f"input[{position}] holds a token id outside this model's vocabulary "
-                f"(0-{vocab - 1}).",
-                code="invalid_token_id",
-                param="input",
-            )
-        text = runtime.encoder.decode_token_ids(ids)
-        if not text.strip():
-            raise InvalidField(
-                f"input[{position}] decodes to empty text.", code="empty_text", param="input"
-            )
-        texts.append(text)
-    return texts

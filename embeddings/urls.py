@@ -1,11 +1,22 @@
 from django.urls import path
 
 from embeddings import views
+from embeddings.models_api import (
+    ModelDetailView,
+    ModelDetailWithoutV1View,
+    ModelsView,
+    ModelsWithoutV1View,
+)
 
 urlpatterns = [
     path("embed", views.EmbedView.as_view(), name="embed"),
     path("batch-embed", views.BatchEmbedView.as_view(), name="batch-embed"),
     path("v1/embeddings", views.OpenAIEmbeddingsView.as_view(), name="openai-embeddings"),
+    path("v1/models", ModelsView.as_view(), name="openai-models"),
+    path("v1/models/<path:model_id>", ModelDetailView.as_view(), name="openai-model"),
+    # As /embeddings below: for clients whose base URL has no /v1.
+    path("models", ModelsWithoutV1View.as_view(), name="models"),
+    path("models/<path:model_id>", ModelDetailWithoutV1View.as_view(), name="model"),
     # Some OpenAI-compatible clients are configured with a base URL that has no /v1.
     path("embeddings", views.OpenAIEmbeddingsView.as_view(), name="embeddings"),
     path("health", views.HealthView.as_view(), name="health"),

@@ -28,10 +28,10 @@ from embeddings.runtime import accepted_model_names, get_runtime
 from embeddings.services import (
     EmbeddingResult,
     MeteredCall,
-    decode_token_inputs,
     embed,
     require_runtime,
 )
+from embeddings.token_inputs import decode_token_inputs
 from embedplatform import metrics, openapi
 from embedplatform.browsable import BrowsableForm
 from embedplatform.errors import ModelNotFound, error_body

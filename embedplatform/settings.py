@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "corsheaders",
     "accounts",
     "embeddings",
 ]
@@ -79,6 +80,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "embedplatform.middleware.RequestIdMiddleware",
+    # CORS before anything that can answer: preflights are answered here, before authentication
+    # (a browser sends them without credentials), and error responses carry the CORS headers too.
+    "corsheaders.middleware.CorsMiddleware",
     "embedplatform.middleware.ProbeHostMiddleware",
     "embedplatform.middleware.ChunkedBodyMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -180,6 +184,9 @@ HF_HOME = env.str("HF_HOME", default="") or None
 MODEL_LOAD_ON_START = env.bool("MODEL_LOAD_ON_START", default=True)
 # Extra names under which /v1/embeddings accepts the served model, besides its own name.
 MODEL_ALIASES = env.list("MODEL_ALIASES", default=[])
+# What token-id input on /v1/embeddings means: "tiktoken" (OpenAI's cl100k_base ids, decoded and
+# embedded as text) or "native" (ids of the served model's own tokenizer).
+TOKEN_ID_INPUT = env.str("TOKEN_ID_INPUT", default="tiktoken")
 # Cross-request batching: how long the batcher waits for company, and the padded-token budget
 # of one forward pass (batch size x longest text), which keeps one long text from ballooning memory.
 BATCH_WAIT_MS = env.float("BATCH_WAIT_MS", default=2.0)
@@ -193,6 +200,48 @@ WEB_CONCURRENCY = env.int("WEB_CONCURRENCY", default=1)
 # --- Requests ---------------------------------------------------------------------------------
 MAX_TEXTS_PER_REQUEST = env.int("MAX_TEXTS_PER_REQUEST", default=256)
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=4 * 1024 * 1024)
+
+# --- CORS (django-cors-headers) ---------------------------------------------------------------
+# Off unless origins are listed: browser applications on these origins may call the API with a
+# bearer token or API key (never with cookies).
+CORS_ALLOWED_ORIGINS = env.list("CORS_ALLOWED_ORIGINS", default=[])
+CORS_ALLOWED_ORIGIN_REGEXES = env.list("CORS_ALLOWED_ORIGIN_REGEXES", default=[])
+CORS_ALLOW_CREDENTIALS = False
+CORS_PREFLIGHT_MAX_AGE = env.int("CORS_PREFLIGHT_MAX_AGE", default=600)
+# What a browser client sends: the openai client's own headers and the tenant selector.
+CORS_ALLOW_HEADERS = [
+    "accept",
+    "authorization",
+    "content-type",
+    "user-agent",
+    "x-requested-with",
+    "x-tenant",
+    "x-request-id",
+    "openai-organization",
+    "openai-project",
+    "x-stainless-arch",
+    "x-stainless-async",
+    "x-stainless-helper-method",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-retry-count",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-timeout",
+]
+# What a browser client may read: rate limits (to back off), the request id, Retry-After.
+CORS_EXPOSE_HEADERS = [
+    "x-request-id",
+    "retry-after",
+    "server-timing",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+]
 
 # --- Identity ---------------------------------------------------------------------------------
 SUPABASE_URL = env.str("SUPABASE_URL", default="").rstrip("/")

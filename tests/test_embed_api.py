@@ -109,8 +109,9 @@ def test_it_serves_openai_on_the_path_without_v1(alice: Person, fake_encoder: Fa
 
 
 def test_it_reads_token_id_inputs_with_the_models_tokenizer(
-    alice: Person, fake_encoder: FakeEncoder
+    alice: Person, fake_encoder: FakeEncoder, settings: Any
 ) -> None:
+    settings.TOKEN_ID_INPUT = "native"  # tiktoken ids (the default): tests/test_token_inputs.py
     by_ids = post(alice, "/v1/embeddings", {"input": [[1, 2], [3]]}).json()
     by_text = post(alice, "/v1/embeddings", {"input": ["t1 t2", "t3"]}).json()
     for a, b in zip(by_ids["data"], by_text["data"], strict=True):
@@ -208,7 +209,7 @@ BAD_BODIES = [
     (
         "openai-id-out-of-vocab",
         "/v1/embeddings",
-        {"input": [[5, 100000]]},
+        {"input": [[5, 100256]]},  # no cl100k_base token has this id
         422,
         "input",
         "invalid_token_id",

@@ -190,12 +190,10 @@ def test_it_gives_the_openai_client_errors_it_understands(
 def test_it_accepts_token_ids_from_the_openai_client(
     minilm_service: Service, alice: Person
 ) -> None:
-    from transformers import AutoTokenizer
+    from embeddings.token_inputs import cl100k
 
-    from embeddings.runtime import bundled_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path()))
-    ids = tokenizer("tokens from a client", add_special_tokens=False)["input_ids"]
+    # OpenAI's meaning (TOKEN_ID_INPUT=tiktoken, the default); native ids: tests/test_clients.py.
+    ids = cl100k().encode("tokens from a client")
     client = client_for(minilm_service, alice.token)
     by_ids = client.embeddings.create(model="all-MiniLM-L6-v2", input=[ids])
     by_text = client.embeddings.create(model="all-MiniLM-L6-v2", input=["tokens from a client"])
