@@ -123,6 +123,7 @@ _CODES = [
             "invalid_json",
             "Invalid JSON",
             "The request body is not valid JSON: {reason}",
+            "The request body is not valid JSON: it is nested too deeply.",
             reason="Expecting value: line 1 column 1 (char 0)",
         ),
         _e("invalid_encoding", "Not UTF-8", "The request body is not valid UTF-8."),
