@@ -79,11 +79,13 @@ REQUEST_ID_OUT = response_header(
 )
 X_TENANT = OpenApiParameter(
     "X-Tenant",
-    OpenApiTypes.INT,
+    # A header is text: an id in digits, or empty (the same as no header).
+    {"type": "string", "pattern": r"^\s*[0-9]*\s*$"},
     OpenApiParameter.HEADER,
     description="The id of the tenant to act for, when the user belongs to several (see "
-    "`GET /usage`). Without it the user's default tenant is used. A user who is not a member "
-    "gets 403 `not_a_member`; an API key acts only for its own tenant (403 `tenant_mismatch`).",
+    "`GET /usage`). Without it (or empty) the user's default tenant is used. A user who is not "
+    "a member gets 403 `not_a_member`; an API key acts only for its own tenant (403 "
+    "`tenant_mismatch`).",
 )
 WWW_AUTHENTICATE = response_header(
     "WWW-Authenticate", OpenApiTypes.STR, 'The challenge: `Bearer realm="api"`.', [401]
