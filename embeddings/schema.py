@@ -87,9 +87,11 @@ class PromptNameSchema(OpenApiSerializerFieldExtension):
     def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
         model = served_model()
         schema: dict[str, Any] = {"type": "string", "maxLength": self.target.max_length}
-        if model is not None:
-            # A model without prompts takes none: only null (or leaving the field out).
-            schema["enum"] = list(model.prompts) or [None]
+        if model is not None and model.prompts:
+            schema["enum"] = list(model.prompts)
+        elif model is not None:
+            # A model without prompts takes no name: only null, or leaving the field out.
+            schema = {"not": {}}
         return schema
 
 
@@ -440,7 +442,7 @@ class _DescribedView(OpenApiViewExtension):
     def view_replacement(self) -> type:
         described = type(self.target.__name__, (self.target,), {"schema": self.auto_schema_class()})
         model = served_model() or PRODUCTION_MODEL
-        return extend_schema(**self.operation(model))(described)  # type: ignore[no-any-return]
+        return extend_schema(**self.operation(model))(described)
 
 
 class EmbedViewSchema(_DescribedView):
