@@ -1,12 +1,11 @@
 """The embeddings app in the OpenAPI document: /embed, /batch-embed, /v1/embeddings (and its
 /embeddings alias) and /health.
 
-What a request may hold depends on the model being served (its dimensions, prompt names, names
-and vocabulary) and on MAX_TEXTS_PER_REQUEST, so those constraints and the examples are worked
-out each time the document is generated: the field extensions below describe the fields of
-embeddings/serializers.py, and the view extensions annotate the views with examples that are
-valid for the served model. Without a loaded model (`manage.py spectacular`), the model-dependent
-constraints are left open and the examples show the production model.
+What a request may hold depends on the model being served, so the constraints and the examples
+are worked out each time the document is generated: the field extensions of
+embeddings/schema_fields.py describe the request fields, and the view extensions below annotate
+the views with examples that are valid for the served model. Without a loaded model
+(`manage.py spectacular`), the examples show the production model.
 
 Imported by embeddings/urls.py, which registers these extensions with drf-spectacular.
 """
@@ -14,16 +13,14 @@ Imported by embeddings/urls.py, which registers these extensions with drf-specta
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
-from drf_spectacular.extensions import OpenApiSerializerFieldExtension, OpenApiViewExtension
+from drf_spectacular.extensions import OpenApiViewExtension
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 
 from embeddings import serializers as io
-from embeddings.runtime import accepted_model_names, get_runtime
+from embeddings.schema_fields import PRODUCTION_MODEL, ServedModel, served_model
 from embedplatform.schema import (
     RATE_LIMIT_HEADERS,
     REQUEST_ID_IN,
@@ -33,118 +30,6 @@ from embedplatform.schema import (
     X_TENANT,
     error_responses,
 )
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    dimensions: int
-    prompts: tuple[str, ...]
-    vocab_size: int
-    max_seq_length: int
-    dtype: str
-
-
-# What the examples show when no model is loaded: EmbeddingGemma, as in production.
-PRODUCTION_MODEL = ServedModel(
-    name="google/embeddinggemma-300m",
-    dimensions=768,
-    prompts=("Classification", "Clustering", "STS", "document", "query"),
-    vocab_size=262144,
-    max_seq_length=2048,
-    dtype="int8",
-)
-
-
-def served_model() -> ServedModel | None:
-    runtime = get_runtime()
-    if runtime is None:
-        return None
-    encoder = runtime.encoder
-    return ServedModel(
-        name=encoder.name,
-        dimensions=encoder.dimensions,
-        prompts=tuple(sorted(encoder.prompts)),
-        vocab_size=encoder.vocab_size,
-        max_seq_length=encoder.max_seq_length,
-        dtype=encoder.dtype,
-    )
-
-
-# --- Fields whose limits come from the served model or the settings ---------------------------
-class DimensionsSchema(OpenApiSerializerFieldExtension):
-    target_class = "embeddings.serializers.DimensionsField"
-
-    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
-        model = served_model()
-        limit = {"maximum": model.dimensions} if model else {}
-        return {"type": "integer", "minimum": 1, **limit}
-
-
-class PromptNameSchema(OpenApiSerializerFieldExtension):
-    target_class = "embeddings.serializers.PromptNameField"
-
-    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
-        model = served_model()
-        schema: dict[str, Any] = {"type": "string", "maxLength": self.target.max_length}
-        if model is not None and model.prompts:
-            schema["enum"] = list(model.prompts)
-        elif model is not None:
-            # A model without prompts takes no name: only null, or leaving the field out.
-            schema = {"not": {}}
-        return schema
-
-
-class ModelNameSchema(OpenApiSerializerFieldExtension):
-    target_class = "embeddings.serializers.ModelNameField"
-
-    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
-        model = served_model()
-        schema: dict[str, Any] = {"type": "string", "maxLength": self.target.max_length}
-        if model is not None:
-            schema["enum"] = sorted(accepted_model_names(model.name))
-        return schema
-
-
-def _texts_schema() -> dict[str, Any]:
-    return {
-        "type": "array",
-        "items": io.TEXT_SCHEMA,
-        "minItems": 1,
-        "maxItems": settings.MAX_TEXTS_PER_REQUEST,
-    }
-
-
-class TextListSchema(OpenApiSerializerFieldExtension):
-    target_class = "embeddings.serializers.TextListField"
-
-    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
-        return _texts_schema()
-
-
-class OpenAIInputSchema(OpenApiSerializerFieldExtension):
-    target_class = "embeddings.serializers.OpenAIInputField"
-
-    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
-        model = served_model()
-        token_id: dict[str, Any] = {"type": "integer", "minimum": 0}
-        if model is not None:
-            token_id["maximum"] = model.vocab_size - 1
-        token_ids = {"type": "array", "items": token_id, "minItems": 1}
-        return {
-            "oneOf": [
-                {**io.TEXT_SCHEMA, "description": "One text."},
-                {**_texts_schema(), "description": "Several texts."},
-                {**token_ids, "description": "One text as token ids."},
-                {
-                    "type": "array",
-                    "items": token_ids,
-                    "minItems": 1,
-                    "maxItems": settings.MAX_TEXTS_PER_REQUEST,
-                    "description": "Several texts as token ids.",
-                },
-            ],
-        }
 
 
 # --- Examples valid for the served model ------------------------------------------------------

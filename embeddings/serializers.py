@@ -6,7 +6,7 @@ shows up as a 422 naming the field instead of an embedding of "123".
 Each field's OpenAPI description states exactly what its validation accepts: static constraints
 are annotated here, and those that depend on the served model or the settings (the most
 dimensions, the prompt names, the model names, the most texts) are filled in per generated
-document by embeddings/schema.py's field extensions, which target the field classes below.
+document by embeddings/schema_fields.py's extensions, which target the field classes below.
 """
 
 from __future__ import annotations

@@ -77,17 +77,26 @@ def test_it_answers_as_the_openapi_document_says(service: Service, alice: Person
         calls[f"{case.method.upper()} {case.path}"] += 1
 
     operations = [result.ok() for result in schema.get_all_operations()]
-    for operation in operations:
-        for strategy in [
-            *operation.get_strategies_from_examples(),
-            operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
-        ]:
-            BOUNDED(given(case=strategy)(check))()
-        invalid = operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
-        # An operation that takes nothing (GET /health) has nothing to send invalid.
-        with contextlib.suppress(Unsatisfiable):
-            BOUNDED(given(case=invalid)(check))()
-        print(f"{operation.method.upper()} {operation.path}: {time.monotonic() - started:.0f} s")
+    try:
+        for operation in operations:
+            for strategy in [
+                *operation.get_strategies_from_examples(),
+                operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+            ]:
+                BOUNDED(given(case=strategy)(check))()
+            invalid = operation.as_strategy(generation_mode=GenerationMode.NEGATIVE)
+            # An operation that takes nothing (GET /health) has nothing to send invalid.
+            with contextlib.suppress(Unsatisfiable):
+                BOUNDED(given(case=invalid)(check))()
+            print(
+                f"{operation.method.upper()} {operation.path}: {time.monotonic() - started:.0f} s"
+            )
+    except Exception as exc:
+        # The service's own account of a 5xx is in its log, which pytest's tmp_path may not keep.
+        errors = [line for line in service.log().splitlines() if '"level": "error"' in line]
+        raise AssertionError(
+            f"{exc}\nservice errors:\n" + "\n".join(e[:3000] for e in errors[-3:])
+        ) from exc
 
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /embed",
