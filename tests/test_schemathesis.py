@@ -27,7 +27,7 @@ from tests.service import Service, start_service
 pytestmark = [pytest.mark.service, pytest.mark.django_db(transaction=True)]
 
 EXAMPLES_PER_OPERATION = 8
-RUN_DEADLINE_SECONDS = 360
+RUN_DEADLINE_SECONDS = 600
 # Limits far above what the run sends: a 429 would hide what is being tested.
 GENEROUS_LIMITS = {
     "RATE_LIMIT_PER_MIN": "1000000",
