@@ -140,33 +140,33 @@ def period_use(*, tenant: Tenant, period_start: date) -> PeriodUse:
     return PeriodUse() if row is None else PeriodUse(tokens=row[0], requests=row[1])
 
 
-def tenant_usage_summary(*, tenant: Tenant, days: int = 30) -> dict[str, Any]:
+@dataclass(frozen=True)
+class UsageSummary:
+    """What /usage shows a tenant about itself (accounts.serializers.UsageSummarySerializer)."""
+
+    tenant: Tenant
+    limits: Limits
+    period_start: date
+    period_end: date
+    use: PeriodUse
+    daily: list[Any]  # dashboard_selectors.DailyUsage, oldest first
+
+    @property
+    def remaining_tokens(self) -> int:
+        return max(0, self.limits.monthly_token_quota - self.use.tokens)
+
+
+def tenant_usage_summary(*, tenant: Tenant, days: int = 30) -> UsageSummary:
     """What /usage shows a tenant about itself: limits, this period and the last `days` days."""
     # Imported here because dashboard_selectors builds on this module.
     from accounts.dashboard_selectors import usage_window
 
-    limits = effective_limits(tenant)
     period_start = current_period_start()
-    use = period_use(tenant=tenant, period_start=period_start)
-    daily = [
-        {"date": day.day.isoformat(), "requests": day.requests, "tokens": day.tokens}
-        for day in usage_window(tenant=tenant, days=days).days
-    ]
-    return {
-        "tenant": {"id": tenant.pk, "name": tenant.name, "is_active": tenant.is_active},
-        "plan": {
-            "name": tenant.plan.name,
-            "requests_per_minute": limits.requests_per_minute,
-            "tokens_per_minute": limits.tokens_per_minute,
-            "monthly_token_quota": limits.monthly_token_quota,
-            "max_texts_per_request": limits.max_texts_per_request,
-        },
-        "period": {
-            "start": period_start.isoformat(),
-            "end": next_period_start().isoformat(),
-            "requests": use.requests,
-            "tokens": use.tokens,
-            "remaining_tokens": max(0, limits.monthly_token_quota - use.tokens),
-        },
-        "daily": daily,
-    }
+    return UsageSummary(
+        tenant=tenant,
+        limits=effective_limits(tenant),
+        period_start=period_start,
+        period_end=next_period_start(),
+        use=period_use(tenant=tenant, period_start=period_start),
+        daily=usage_window(tenant=tenant, days=days).days,
+    )

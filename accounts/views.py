@@ -8,12 +8,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts import schema
 from accounts.permissions import HasActiveTenant, resolve_tenant
 from accounts.selectors import tenant_usage_summary
-from embedplatform import openapi
+from accounts.serializers import UsageSummarySerializer
 
 
-@extend_schema(**openapi.ACCOUNT_USAGE)
+@extend_schema(**schema.USAGE)
 class UsageView(APIView):
     """Plan and limits, this month's requests and tokens, the remaining quota, and daily totals
     for the last 30 days, all of the calling tenant only."""
@@ -23,4 +24,5 @@ class UsageView(APIView):
     def get(self, request: Request) -> Response:
         caller = resolve_tenant(request)
         assert caller.tenant is not None
-        return Response(tenant_usage_summary(tenant=caller.tenant))
+        summary = tenant_usage_summary(tenant=caller.tenant)
+        return Response(UsageSummarySerializer(summary).data)

@@ -22,7 +22,7 @@ from accounts.permissions import HasActiveTenant
 from embeddings.runtime import accepted_model_names, bundled_model_path
 from embeddings.services import require_runtime
 from embedplatform.errors import ModelNotFound
-from embedplatform.openapi import (
+from embedplatform.schema import (
     REQUEST_ID_IN,
     REQUEST_ID_OUT,
     WWW_AUTHENTICATE,
@@ -31,6 +31,16 @@ from embedplatform.openapi import (
 )
 
 OWNER = "embedplatform"
+# Listing models is authenticated like embedding, and refused the same ways before any work.
+MODEL_ERRORS = (
+    "missing_credentials",
+    "invalid_signature",
+    "token_expired",
+    "invalid_api_key",
+    "not_a_member",
+    "tenant_inactive",
+    "permission_denied",
+)
 HEADERS = [X_TENANT, REQUEST_ID_IN, REQUEST_ID_OUT, WWW_AUTHENTICATE]
 MODEL_ID = OpenApiParameter(
     "model_id",
@@ -101,7 +111,7 @@ class ModelsView(APIView):
         description="The served model and every name /v1/embeddings accepts for it, in OpenAI's "
         "shape: `client.models.list()` works.",
         parameters=HEADERS,
-        responses={200: OpenAIModelListSerializer, **error_responses(401, 403)},
+        responses={200: OpenAIModelListSerializer, **error_responses(*MODEL_ERRORS)},
     )
     def get(self, request: Request) -> Response:
         body = {"object": "list", "data": served_models()}
@@ -122,7 +132,7 @@ class ModelDetailView(APIView):
         description="One of the names GET /v1/models lists; any other is 404 "
         "`model_not_found`. `client.models.retrieve(id)` works.",
         parameters=[MODEL_ID, *HEADERS],
-        responses={200: OpenAIModelSerializer, **error_responses(401, 403, 404)},
+        responses={200: OpenAIModelSerializer, **error_responses(*MODEL_ERRORS, "model_not_found")},
     )
     def get(self, request: Request, model_id: str) -> Response:
         models = served_models()

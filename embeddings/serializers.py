@@ -2,31 +2,40 @@
 
 Fields are strict: a number is not a string and a string is not a number, so that a client's bug
 shows up as a 422 naming the field instead of an embedding of "123".
+
+Each field's OpenAPI description states exactly what its validation accepts: static constraints
+are annotated here, and those that depend on the served model or the settings (the most
+dimensions, the prompt names, the model names, the most texts) are filled in per generated
+document by embeddings/schema_fields.py's extensions, which target the field classes below.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.fields import ProhibitNullCharactersValidator
 
+from embedplatform.error_codes import CATALOGUE
+
 ENCODING_FORMATS = ("float", "base64")
+# What check_text accepts, as JSON Schema: at least one character that is not whitespace.
+TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": r"\S"}
+
+
+def _field_error(code: str) -> serializers.ValidationError:
+    return serializers.ValidationError(CATALOGUE[code].detail(), code=code)
 
 
 def check_text(value: str) -> str:
     if not value.strip():
-        raise serializers.ValidationError(
-            "Text must not be empty or whitespace only.", code="empty_text"
-        )
+        raise _field_error("empty_text")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         # JSON can smuggle in lone surrogates ("\ud800"), which are not text and no tokenizer takes.
-        raise serializers.ValidationError(
-            "Text contains a lone surrogate (invalid Unicode).",
-            code="surrogate_characters_not_allowed",
-        ) from exc
+        raise _field_error("surrogate_characters_not_allowed") from exc
     return value
 
 
@@ -37,13 +46,12 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+@extend_schema_field(TEXT_SCHEMA)
 class TextField(StrictCharField):
     """A text to embed: a non-empty string of valid Unicode, kept exactly as sent."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("trim_whitespace", False)
-        # Blank text reaches check_text, which gives the clearer message.
-        kwargs.setdefault("allow_blank", True)
         super().__init__(**kwargs)
         # A NUL is odd but harmless text: tokenizers take it, so it is embedded like the rest.
         self.validators = [
@@ -51,6 +59,8 @@ class TextField(StrictCharField):
         ]
 
     def run_validation(self, data: Any = serializers.empty) -> Any:
+        if data == "":
+            check_text(data)  # empty_text: clearer than CharField's "may not be blank"
         value = super().run_validation(data)
         return check_text(value) if isinstance(value, str) else value
 
@@ -69,17 +79,39 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
+class PromptNameField(StrictCharField):
+    """One of the served model's prompt names (checked by services.resolve_prompt)."""
+
+
+class DimensionsField(StrictIntegerField):
+    """1 to the served model's dimensions (checked by services.resolve_dimensions)."""
+
+
+class ModelNameField(StrictCharField):
+    """The served model's name or an alias (checked by the OpenAI view)."""
+
+
+class TextListField(serializers.ListField):
+    """Texts; at most MAX_TEXTS_PER_REQUEST, or the tenant's lower limit (checked by
+    services.embed, which answers 413)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("child", TextField())
+        kwargs.setdefault("allow_empty", False)
+        super().__init__(**kwargs)
+
+
 class PromptAndDimensionsSerializer(serializers.Serializer):
     """The options every embed endpoint takes, OpenAI's included."""
 
-    prompt_name = StrictCharField(
+    prompt_name = PromptNameField(
         required=False,
         allow_null=True,
         max_length=64,
         help_text="A task prompt of the model (EmbeddingGemma: query, document, Clustering, STS, "
         "...). See GET /health for the model's prompt names.",
     )
-    dimensions = StrictIntegerField(
+    dimensions = DimensionsField(
         required=False,
         allow_null=True,
         min_value=1,
@@ -99,10 +131,9 @@ class EmbedInputSerializer(EmbedOptionsSerializer):
 
 
 class BatchEmbedInputSerializer(EmbedOptionsSerializer):
-    texts = serializers.ListField(
-        child=TextField(),
-        allow_empty=False,
-        help_text="The texts to embed (at most MAX_TEXTS_PER_REQUEST, default 256; more is a 413).",
+    texts = TextListField(
+        help_text="The texts to embed (at most MAX_TEXTS_PER_REQUEST, default 256, or the "
+        "tenant's own lower limit; more is a 413)."
     )
 
 
@@ -137,10 +168,8 @@ class OpenAIInputField(serializers.Field):
     token-id arrays. Internally a list whose items are strings or lists of token ids."""
 
     default_error_messages = {
-        "invalid": "Input must be a string, an array of strings, an array of token ids or an "
-        "array of token-id arrays.",
-        "empty": "Input must not be empty.",
-        "mixed": "Input arrays must hold only strings or only token ids.",
+        code: CATALOGUE[code].detail(variant)
+        for code, variant in (("invalid", 3), ("empty", 0), ("mixed", 0))
     }
 
     def to_internal_value(self, data: Any) -> list[str | list[int]]:
@@ -178,8 +207,11 @@ class OpenAIEmbeddingInputSerializer(PromptAndDimensionsSerializer):
     """OpenAI's request; `prompt_name` is ours, as on /embed."""
 
     input = OpenAIInputField(help_text="A string, an array of strings, or token-id array(s).")
-    model = StrictCharField(
-        required=False, allow_null=True, max_length=255, help_text="The served model's name."
+    model = ModelNameField(
+        required=False,
+        allow_null=True,
+        max_length=255,
+        help_text="The served model's name or one of its aliases; another is a 404.",
     )
     encoding_format = serializers.ChoiceField(
         choices=ENCODING_FORMATS,
@@ -196,10 +228,25 @@ class OpenAIEmbeddingInputSerializer(PromptAndDimensionsSerializer):
     )
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "array", "items": {"type": "number", "format": "float"}},
+            {"type": "string", "format": "byte"},
+        ]
+    }
+)
+class EmbeddingField(serializers.JSONField):
+    """Floats, or (`encoding_format: base64`) base64 of the little-endian float32 values."""
+
+
 class OpenAIEmbeddingSerializer(serializers.Serializer):
     object = serializers.CharField(default="embedding", help_text="Always `embedding`.")
     index = serializers.IntegerField(help_text="The position of its text in `input`.")
-    embedding = serializers.JSONField(help_text="Floats, or a base64 string of float32.")
+    embedding = EmbeddingField(
+        help_text="The embedding: floats, or (`encoding_format: base64`) base64 of the "
+        "little-endian float32 values."
+    )
 
 
 class OpenAIUsageSerializer(serializers.Serializer):

@@ -1,6 +1,8 @@
 from django.urls import path
 
-from embeddings import views
+# schema: describes these views in the OpenAPI document (drf-spectacular extensions register on
+# import).
+from embeddings import health, schema, views  # noqa: F401
 from embeddings.models_api import (
     ModelDetailView,
     ModelDetailWithoutV1View,
@@ -19,5 +21,5 @@ urlpatterns = [
     path("models/<path:model_id>", ModelDetailWithoutV1View.as_view(), name="model"),
     # Some OpenAI-compatible clients are configured with a base URL that has no /v1.
     path("embeddings", views.OpenAIEmbeddingsView.as_view(), name="embeddings"),
-    path("health", views.HealthView.as_view(), name="health"),
+    path("health", health.HealthView.as_view(), name="health"),
 ]

@@ -8,13 +8,8 @@ import logging
 from typing import Any
 
 import numpy as np
-from django.conf import settings
-from django.db import connection
-from django_redis import get_redis_connection
-from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers
-from rest_framework.permissions import AllowAny, IsAuthenticated
-from rest_framework.renderers import JSONRenderer
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -32,9 +27,9 @@ from embeddings.services import (
     require_runtime,
 )
 from embeddings.token_inputs import decode_token_inputs
-from embedplatform import metrics, openapi
+from embedplatform import metrics
 from embedplatform.browsable import BrowsableForm
-from embedplatform.errors import ModelNotFound, error_body
+from embedplatform.errors import ModelNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +138,6 @@ class MeteredEmbedView(BrowsableForm, APIView):
         raise NotImplementedError
 
 
-@extend_schema(**openapi.EMBED)
 class EmbedView(MeteredEmbedView):
     """Embed one text: `text`, and optionally `prompt_name` (a task prompt of the model),
     `dimensions` (keep the first N, Matryoshka) and `normalize`."""
@@ -164,7 +158,6 @@ class EmbedView(MeteredEmbedView):
         }
 
 
-@extend_schema(**openapi.BATCH_EMBED)
 class BatchEmbedView(MeteredEmbedView):
     """Embed many texts in one request; the order of the answer is the order of the texts."""
 
@@ -183,7 +176,6 @@ class BatchEmbedView(MeteredEmbedView):
         }
 
 
-@extend_schema(**openapi.OPENAI_EMBEDDINGS)
 class OpenAIEmbeddingsView(MeteredEmbedView):
     """OpenAI-compatible embeddings: the official `openai` client works unchanged with
     `base_url=http://host:port/v1`."""
@@ -216,53 +208,3 @@ class OpenAIEmbeddingsView(MeteredEmbedView):
             for index, vector in enumerate(result.vectors)
         ]
         return {"object": "list", "data": items, "model": result.model, "usage": usage_of(result)}
-
-
-@extend_schema(**openapi.HEALTH)
-class HealthView(APIView):
-    """Ready when the model is loaded and the database (and Redis, where configured) answer."""
-
-    authentication_classes: list[Any] = []
-    permission_classes = [AllowAny]
-    renderer_classes = [JSONRenderer]
-
-    def get(self, request: Request) -> Response:
-        checks: dict[str, str] = {}
-        runtime = get_runtime()
-        checks["model"] = "ok" if runtime is not None else "not loaded"
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
-            checks["database"] = "ok"
-        except Exception as exc:  # any driver error means "not ready", never a 500
-            checks["database"] = f"error: {type(exc).__name__}"
-        if settings.REDIS_URL:
-            try:
-                get_redis_connection("default").ping()
-                checks["redis"] = "ok"
-            except Exception as exc:
-                checks["redis"] = f"error: {type(exc).__name__}"
-        else:
-            checks["cache"] = "local"
-        body: dict[str, Any] = {"status": "ok", "checks": checks}
-        if runtime is not None:
-            encoder = runtime.encoder
-            body.update(
-                model=encoder.name,
-                dimensions=encoder.dimensions,
-                dtype=encoder.dtype,
-                max_seq_length=encoder.max_seq_length,
-                prompts=sorted(encoder.prompts),
-            )
-        failing = [name for name, state in checks.items() if state not in ("ok", "local")]
-        if failing:
-            body["status"] = "unavailable"
-            body.update(
-                error_body(
-                    f"Not ready: {', '.join(failing)}.",
-                    error_type="service_unavailable",
-                    code="not_ready",
-                )
-            )
-            return Response(body, status=503)
-        return Response(body)

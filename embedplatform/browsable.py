@@ -15,7 +15,7 @@ from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from embedplatform.openapi import form_example
+from embeddings.schema import form_example
 
 
 def wants_browsable_page(request: Request) -> bool:

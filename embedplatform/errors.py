@@ -16,20 +16,50 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, JsonResponse
-from rest_framework import exceptions, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
+
+# Re-exported: the types and the shape are defined with the catalogue of codes.
+from embedplatform.error_codes import (
+    AUTHENTICATION,
+    CATALOGUE,
+    ERROR_TYPES,
+    INSUFFICIENT_QUOTA,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    PERMISSION,
+    RATE_LIMIT,
+    SERVER_ERROR,  # noqa: F401  (re-exported)
+    SERVICE_UNAVAILABLE,
+    ErrorCode,
+    error_body,
+)
 
 logger = logging.getLogger(__name__)
 
-# Error types, following OpenAI's names where it has one.
-INVALID_REQUEST = "invalid_request_error"
-AUTHENTICATION = "authentication_error"
-PERMISSION = "permission_error"
-NOT_FOUND = "not_found_error"
-RATE_LIMIT = "rate_limit_exceeded"
-INSUFFICIENT_QUOTA = "insufficient_quota"
-SERVICE_UNAVAILABLE = "service_unavailable"
-SERVER_ERROR = "server_error"
+
+class ErrorDetailSerializer(serializers.Serializer):
+    message = serializers.CharField(help_text="What went wrong, for a person to read.")
+    type = serializers.ChoiceField(
+        choices=ERROR_TYPES, help_text="The kind of error (OpenAI's names where it has one)."
+    )
+    param = serializers.CharField(
+        allow_null=True,
+        help_text="The request field at fault (`text`, `texts[2]`, `input`, `dimensions`, ...), "
+        "or null.",
+    )
+    code = serializers.CharField(
+        allow_null=True,
+        help_text="A stable code for programs: `empty_text`, `invalid_api_key`, "
+        "`rate_limit_exceeded`, `insufficient_quota`, `model_not_ready`, ... (see the README's "
+        "list of error codes).",
+    )
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The one shape of every error (OpenAI's)."""
+
+    error = ErrorDetailSerializer(help_text="What went wrong.")
 
 
 class ApiError(exceptions.APIException):
@@ -85,21 +115,51 @@ class QuotaExceeded(ApiError):
     error_type = INSUFFICIENT_QUOTA
 
 
+def exception_for(
+    entry: ErrorCode, message: str, *, param: str | None, headers: dict[str, str] | None
+) -> exceptions.APIException:
+    """The exception that `entry` is raised as (see ErrorCode.error): DRF's own for 400, 401
+    and 403, whose handling (the 401 challenge, authentication's 403 fallback) depends on them."""
+    drf_classes: dict[int, type[exceptions.APIException]] = {
+        400: exceptions.ParseError,
+        401: exceptions.AuthenticationFailed,
+        403: exceptions.PermissionDenied,
+    }
+    if entry.status in drf_classes and param is None and not headers:
+        return drf_classes[entry.status](message, code=entry.code)
+    # The specific class where there is one: callers catch QuotaExceeded, for instance.
+    klass = next(
+        (
+            k
+            for k in (
+                InvalidField,
+                PayloadTooLarge,
+                ModelNotFound,
+                ServiceUnavailable,
+                RateLimitExceeded,
+                QuotaExceeded,
+            )
+            if (k.status_code, k.error_type) == (entry.status, entry.type)
+        ),
+        ApiError,
+    )
+    return klass(
+        message,
+        status_code=entry.status,
+        code=entry.code,
+        param=param,
+        error_type=entry.type,
+        headers=headers,
+    )
+
+
 def request_too_large() -> PayloadTooLarge:
     """The one 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, wherever it is noticed."""
     from django.conf import settings
 
-    return PayloadTooLarge(
-        f"The request body is larger than the {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes the "
-        "server accepts.",
-        code="request_too_large",
-    )
-
-
-def error_body(
-    message: str, *, error_type: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    error = CATALOGUE["request_too_large"].error(limit=settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+    assert isinstance(error, PayloadTooLarge)
+    return error
 
 
 def _first_validation_error(detail: Any, path: str = "") -> tuple[str | None, str, str | None]:
@@ -200,36 +260,36 @@ def json_error(
     return JsonResponse(body, status=status_code, headers=headers)
 
 
+def catalogued_error(
+    code: str, *, headers: dict[str, str] | None = None, **values: Any
+) -> JsonResponse:
+    """A catalogued error as a plain Django response (outside DRF views)."""
+    entry = CATALOGUE[code]
+    return JsonResponse(entry.body(**values), status=entry.status, headers=headers)
+
+
 def api_error_response(exc: exceptions.APIException) -> JsonResponse:
     """An API error as a plain Django response, for code outside DRF views."""
     status_code, body, headers = describe(exc)
     return JsonResponse(body, status=status_code, headers=headers)
 
 
-SERVER_ERROR_BODY = error_body(
-    "The server failed to process the request.", error_type=SERVER_ERROR, code="internal_error"
-)
+SERVER_ERROR_BODY = CATALOGUE["internal_error"].body()
 
 
 # Django-level handlers for requests that never reach a DRF view (unknown paths, middleware errors).
 def bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     if isinstance(exception, RequestDataTooBig):
         return api_error_response(request_too_large())
-    return json_error(
-        400, "The request could not be understood.", error_type=INVALID_REQUEST, code="bad_request"
-    )
+    return catalogued_error("bad_request")
 
 
 def permission_denied(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return json_error(
-        403, "You do not have permission to do this.", error_type=PERMISSION, code="forbidden"
-    )
+    return catalogued_error("forbidden")
 
 
 def page_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return json_error(
-        404, f"No such endpoint: {request.path}", error_type=NOT_FOUND, code="not_found"
-    )
+    return catalogued_error("not_found", path=request.path)
 
 
 def server_error(request: HttpRequest) -> JsonResponse:

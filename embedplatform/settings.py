@@ -339,11 +339,18 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
+# The API's OpenAPI document: the project-wide parts come from embedplatform/openapi.py (plain
+# data), each app's operations from its schema module (embeddings/schema.py, accounts/schema.py).
+from embedplatform import openapi as _openapi  # noqa: E402
+
 SPECTACULAR_SETTINGS = {
     "TITLE": "embedplatform API",
-    "DESCRIPTION": "Multi-tenant text embeddings: the original /embed API and an OpenAI-compatible "
-    "/v1/embeddings, with per-tenant quotas, rate limits and usage accounting.",
+    "DESCRIPTION": _openapi.DESCRIPTION,
     "VERSION": "1.0.0",
+    "TAGS": _openapi.TAGS,
+    "APPEND_COMPONENTS": _openapi.COMPONENTS,
+    # /metrics is a plain Django view, which drf-spectacular does not discover.
+    "APPEND_PATHS": _openapi.PATHS,
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -352,11 +359,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     # The docs need no credential, and a stale one in Swagger UI must not break them.
     "SERVE_AUTHENTICATION": [],
-    "POSTPROCESSING_HOOKS": [
-        "drf_spectacular.hooks.postprocess_schema_enums",
-        "embedplatform.openapi.postprocess_schema",
-    ],
-    "ENUM_NAME_OVERRIDES": {"ErrorTypeEnum": "embedplatform.openapi.ERROR_TYPES"},
+    "ENUM_NAME_OVERRIDES": {"ErrorTypeEnum": "embedplatform.error_codes.ERROR_TYPES"},
 }
 
 LOGGING = {

@@ -17,7 +17,7 @@ from django.test import Client
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from embedplatform import openapi
+from embedplatform import error_codes
 from tests.headless_chromium import chromium, requested_urls
 
 EMBED_ERRORS = {"400", "401", "403", "413", "415", "422", "429", "503"}
@@ -130,7 +130,7 @@ def test_it_documents_each_endpoint_with_its_security_and_every_error(
         assert examples, f"{method} {path} {status} has no example"
         for example in examples:
             error_validator(schema).validate(example)
-            assert example["error"]["type"] in openapi.ERROR_TYPES
+            assert example["error"]["type"] in error_codes.ERROR_TYPES
 
 
 def test_it_documents_every_request_and_response_field(schema: dict[str, Any]) -> None:
@@ -170,7 +170,7 @@ def test_it_describes_the_one_error_shape(schema: dict[str, Any]) -> None:
     assert set(detail["properties"]) == {"message", "type", "param", "code"}
     assert set(detail["required"]) == {"message", "type", "param", "code"}
     assert detail["properties"]["param"]["nullable"] is True
-    assert set(components["ErrorTypeEnum"]["enum"]) == set(openapi.ERROR_TYPES)
+    assert set(components["ErrorTypeEnum"]["enum"]) == set(error_codes.ERROR_TYPES)
 
 
 def test_it_describes_both_bearer_credentials_and_the_staff_session(
@@ -327,3 +327,40 @@ def test_it_renders_the_docs_in_a_browser_that_reaches_no_other_host(
     assert any("/static/drf_spectacular_sidecar/" in url for url in urls)
     outside = [url for url in urls if not url.startswith((live_server.url, "data:", "blob:"))]
     assert outside == []
+
+
+def test_it_states_the_validations_limits_for_the_served_model(
+    db: None, fake_encoder: Any, settings: Any
+) -> None:
+    settings.MAX_TEXTS_PER_REQUEST = 7
+    components = json.loads(Client().get("/openapi.json").content)["components"]["schemas"]
+
+    embed = components["EmbedInput"]["properties"]
+    assert (embed["text"]["minLength"], embed["text"]["pattern"]) == (1, r"\S")
+    assert (embed["dimensions"]["minimum"], embed["dimensions"]["maximum"]) == (1, 16)
+    prompt_names = components[embed["prompt_name"]["allOf"][0]["$ref"].rsplit("/", 1)[1]]
+    assert set(prompt_names["enum"]) == {"query", "document"}
+    texts = components["BatchEmbedInput"]["properties"]["texts"]
+    assert (texts["minItems"], texts["maxItems"]) == (1, 7)
+    openai = components["OpenAIEmbeddingInput"]["properties"]
+    one, several, token_ids, token_arrays = openai["input"]["oneOf"]
+    assert one["pattern"] == several["items"]["pattern"] == r"\S"
+    assert (several["maxItems"], token_arrays["maxItems"]) == (7, 7)
+    assert token_ids["items"]["maximum"] == fake_encoder.vocab_size - 1
+    model_names = components[openai["model"]["allOf"][0]["$ref"].rsplit("/", 1)[1]]
+    assert "fake-model" in model_names["enum"]
+
+
+@pytest.mark.parametrize("path", ["/embed", "/batch-embed", "/v1/embeddings", "/embeddings"])
+def test_it_shows_request_examples_that_the_served_model_accepts(
+    alice: Any, fake_encoder: Any, path: str
+) -> None:
+    client = Client()
+    schema = json.loads(client.get("/openapi.json").content)
+    content = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+
+    for name, example in content["examples"].items():
+        response = client.post(
+            path, example["value"], content_type="application/json", **alice.client_headers
+        )
+        assert response.status_code == 200, (name, response.json())
