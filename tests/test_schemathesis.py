@@ -64,6 +64,7 @@ BOUNDED = settings(
 )
 
 
+@pytest.mark.timeout(RUN_DEADLINE_SECONDS + 300)
 def test_it_answers_as_the_openapi_document_says(service: Service, alice: Person) -> None:
     schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
     headers = {"Authorization": f"Bearer {alice.token}"}
