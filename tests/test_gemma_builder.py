@@ -10,7 +10,7 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from embeddings.gemma_builder import EMBEDDING_GEMMA_PROMPTS, build_gemma_like_model, main
+from bench.gemma_builder import EMBEDDING_GEMMA_PROMPTS, build_gemma_like_model, main
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,10 @@ directory, so every code path that loads EmbeddingGemma by path can be exercised
 
 Usage::
 
-    python -m embeddings.gemma_builder PATH [--size tiny|full] [--seed 0]
+    .venv/bin/python bench/gemma_builder.py PATH [--size tiny|full] [--seed 0] [--force]
+
+Tests build the tiny size in a temporary folder; ``bench/build_full_gemma.py`` builds the full
+size once for benchmarks.
 """
 
 from __future__ import annotations
@@ -348,7 +351,7 @@ def build_gemma_like_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``python -m embeddings.gemma_builder PATH [--size tiny|full]``."""
+    """CLI entry point: ``bench/gemma_builder.py PATH [--size tiny|full]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="output directory")
     parser.add_argument("--size", choices=sorted(_SPECS), default="tiny")

@@ -1,0 +1,88 @@
+"""The README's benchmark commands start exactly as written: ``.venv/bin/python bench/<name>.py``.
+
+Run as scripts (not ``python -m``) from the repository root, with no PYTHONPATH, on the tiny
+EmbeddingGemma-architecture model so that each finishes in seconds; the full-size build and
+runs stay out of CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README_COMMANDS = (
+    "bench/service.py",
+    "bench/quantization.py",
+    "bench/build_full_gemma.py",
+    "bench/load_memory.py",
+    "bench/gemma_builder.py",
+)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _table_rows(output: str, first_column: str) -> list[list[str]]:
+    return [line.split() for line in output.splitlines() if line.split()[:1] == [first_column]]
+
+
+def test_it_lists_every_command_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for command in README_COMMANDS:
+        assert f".venv/bin/python {command}" in readme, command
+
+
+@pytest.mark.parametrize("script", README_COMMANDS)
+def test_it_starts_each_bench_script_as_written(script: str) -> None:
+    completed = _run(script, "--help")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("usage:"), completed.stdout
+
+
+def test_it_keeps_an_already_built_model(gemma_tiny_path: Path) -> None:
+    completed = _run("bench/build_full_gemma.py", str(gemma_tiny_path))
+    assert completed.returncode == 0, completed.stderr
+    assert "already built" in completed.stdout
+
+
+def test_it_reports_speed_and_accuracy_per_mode(gemma_tiny_path: Path) -> None:
+    completed = _run(
+        "bench/quantization.py",
+        *("--model", str(gemma_tiny_path), "--modes", "fp32,int8"),
+        *("--seconds", "0.05", "--threads", "1"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "failed" not in completed.stdout, completed.stdout
+    rows = _table_rows(completed.stdout, gemma_tiny_path.name)
+    assert [row[1] for row in rows] == ["fp32", "int8"], completed.stdout
+    assert all(row[-1] == "ok" for row in rows), completed.stdout
+
+
+def test_it_reports_load_memory_per_mode(gemma_tiny_path: Path) -> None:
+    completed = _run(
+        "bench/load_memory.py",
+        *("--model", str(gemma_tiny_path), "--modes", "fp32,bf16,int8", "--threads", "1"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    for mode in ("fp32", "bf16", "int8"):
+        rows = _table_rows(completed.stdout, mode)
+        assert len(rows) == 1, completed.stdout
+        base, peak, settled = (float(value) for value in rows[0][4:7])
+        assert 0 < base <= peak, completed.stdout
+        assert 0 < settled <= peak, completed.stdout
