@@ -9,7 +9,9 @@ Fairness. Each pass is filled in least-recently-served order: first by key (the 
 job within a key. A job that got texts in a pass goes behind every job that did not, so a request
 arriving while someone's 256-text request runs is in the very next pass: it waits for at most
 the pass already running. Within its turn a job fills the pass greedily, longest texts first (so
-chunks of a large request pad little), which keeps passes as full as strict arrival order did.
+chunks of a large request pad little), which keeps passes as full as strict arrival order did. A
+pass that starts with a request not served yet takes only such requests, so a short request is
+not padded out to (and slowed by) someone else's long texts.
 
 Bounds. The texts and padded tokens not yet encoded are bounded per worker; a request that would
 overflow them is refused at once (`ModelOverloaded`: 503 with Retry-After) rather than queued for
@@ -257,11 +259,15 @@ class Batcher:
             return []
         order = self._serving_order()
         prompt = order[0].prompt
+        # A pass that starts with a request not served yet takes only such requests: a short
+        # request then runs in a short pass of its own, not padded out with someone else's long
+        # texts, and is answered right after the pass that was running when it arrived.
+        newcomers_only = order[0].served_pass < 0
         batch: list[tuple[_Job, int]] = []
         longest = 0
         full = False
         for job in order:
-            if job.prompt != prompt:
+            if job.prompt != prompt or (newcomers_only and job.served_pass >= 0):
                 continue
             while job.pending and not full:
                 index = job.pending[0]

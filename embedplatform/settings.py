@@ -173,7 +173,7 @@ MODEL_ALIASES = env.list("MODEL_ALIASES", default=[])
 # Cross-request batching: how long the batcher waits for company, and the padded-token budget
 # of one forward pass (batch size x longest text), which keeps one long text from ballooning memory.
 BATCH_WAIT_MS = env.float("BATCH_WAIT_MS", default=2.0)
-BATCH_MAX_TOKENS = env.int("BATCH_MAX_TOKENS", default=16384)
+BATCH_MAX_TOKENS = env.int("BATCH_MAX_TOKENS", default=4096)
 # Bounds of one worker's queue (texts, padded tokens): beyond them a request gets 503 at once.
 BATCH_QUEUE_MAX_TEXTS = env.int("BATCH_QUEUE_MAX_TEXTS", default=1024)
 BATCH_QUEUE_MAX_TOKENS = env.int("BATCH_QUEUE_MAX_TOKENS", default=131072)
