@@ -10,7 +10,7 @@ unpacked in a folder, started the same way in the same run):
    limit) in flight without a pause, while B sends the same 1-text requests: B's p50/p99/max,
    and how A's requests ended (200, or 429/503 refusals with Retry-After);
 3. 16 clients of one tenant sending 32-text /batch-embed requests: sentences/s, the cross-request
-   batching throughput that fairness must not cost.
+   batching throughput that fairness must not cost, the two servers taking turns (`--rounds`).
 
 The machine is shared and noisy: compare figures of one run, not across runs. Target (issue 7):
 B's p99 under about 1 s during A's stream, and 32-text throughput within 5% of the baseline.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import http.client
 import json
 import os
@@ -157,17 +158,6 @@ def measure(url: str, tokens: dict[str, str], args: argparse.Namespace) -> dict[
     stop.set()
     for thread in streams:
         thread.join()
-    batch = throughput(
-        url, tokens["c"], path="/batch-embed", texts_per_request=32, clients=16, seconds=3
-    )  # warm-up
-    batch = throughput(
-        url,
-        tokens["c"],
-        path="/batch-embed",
-        texts_per_request=32,
-        clients=16,
-        seconds=args.seconds,
-    )
     return {
         "idle_p50": percentile(idle, 50),
         "idle_p99": percentile(idle, 99),
@@ -179,8 +169,6 @@ def measure(url: str, tokens: dict[str, str], args: argparse.Namespace) -> dict[
         "a_statuses": dict(collections.Counter(status for status, _, _ in a_results)),
         "a_p50": percentile([e for s, e, _ in a_results if s == 200], 50),
         "a_retry_after": sorted({r for s, _, r in a_results if s != 200 and r}),
-        "batch32": batch["sentences_per_s"],
-        "batch32_failures": len(batch["failures"]),
     }
 
 
@@ -193,6 +181,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--a-clients", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
     tokens = prepare_tenants(["a", "b", "c"])
@@ -205,37 +194,68 @@ def main() -> None:
         f"{args.a_clients} streams of 256 long texts from tenant A, {args.seconds:.0f} s phases "
         "(shared, noisy machine: compare within this run)"
     )
-    results = {}
-    for name, checkout in targets:
-        with serving(checkout, env, args.workers) as service:
-            results[name] = measure(service.url, tokens, args)
-        r = results[name]
-        print(f"\n{name} ({checkout})")
-        print(
-            f"  B alone, 1 text:        p50 {r['idle_p50'] * 1000:7.0f} ms  p99 "
-            f"{r['idle_p99'] * 1000:7.0f} ms"
-        )
-        print(
-            f"  B during A's stream:    p50 {r['b_p50'] * 1000:7.0f} ms  p99 "
-            f"{r['b_p99'] * 1000:7.0f} ms  max {r['b_max'] * 1000:7.0f} ms  "
-            f"({r['b_requests']} requests, statuses {r['b_statuses']})"
-        )
-        print(
-            f"  A's 256-text requests:  statuses {r['a_statuses']}, p50 {r['a_p50']:.1f} s, "
-            f"Retry-After seen {r['a_retry_after']}"
-        )
-        print(
-            f"  16 clients x 32 texts:  {r['batch32']:.1f} sentences/s "
-            f"({r['batch32_failures']} failures)"
-        )
+    results: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        urls = {
+            name: stack.enter_context(serving(checkout, env, args.workers)).url
+            for name, checkout in targets
+        }
+        for name, checkout in targets:
+            results[name] = r = measure(urls[name], tokens, args)
+            print(f"\n{name} ({checkout})")
+            print(
+                f"  B alone, 1 text:        p50 {r['idle_p50'] * 1000:7.0f} ms  "
+                f"p99 {r['idle_p99'] * 1000:7.0f} ms"
+            )
+            print(
+                f"  B during A's stream:    p50 {r['b_p50'] * 1000:7.0f} ms  "
+                f"p99 {r['b_p99'] * 1000:7.0f} ms  max {r['b_max'] * 1000:7.0f} ms  "
+                f"({r['b_requests']} requests, statuses {r['b_statuses']})"
+            )
+            print(
+                f"  A's 256-text requests:  statuses {r['a_statuses']}, p50 {r['a_p50']:.1f} s, "
+                f"Retry-After seen {r['a_retry_after']}"
+            )
+        # 32-text throughput, the servers taking turns so that drift in the machine's load
+        # hits both alike.
+        print(f"\n16 clients x 32 texts, sentences/s, {args.rounds} alternating rounds:")
+        for name in urls:
+            throughput(
+                urls[name],
+                tokens["c"],
+                path="/batch-embed",
+                texts_per_request=32,
+                clients=16,
+                seconds=3,
+            )  # warm-up
+        for round_number in range(args.rounds):
+            for name in urls:
+                run = throughput(
+                    urls[name],
+                    tokens["c"],
+                    path="/batch-embed",
+                    texts_per_request=32,
+                    clients=16,
+                    seconds=args.seconds,
+                )
+                results[name].setdefault("batch32", []).append(run["sentences_per_s"])
+                print(
+                    f"  round {round_number + 1} {name:<14} {run['sentences_per_s']:7.1f} "
+                    f"(p50 {run['p50']:.0f} ms, {len(run['failures'])} failures)"
+                )
     if args.baseline:
         new, old = results["this checkout"], results["baseline"]
         print("\nthis checkout / baseline:")
         print(
-            f"  B's p99 during A's stream: {new['b_p99'] / old['b_p99']:.2f}x "
-            f"({old['b_p99']:.2f} s -> {new['b_p99']:.2f} s)"
+            f"  B's p99 during A's stream: {old['b_p99']:.2f} s -> {new['b_p99']:.2f} s "
+            f"({new['b_p99'] / old['b_p99']:.2f}x)"
         )
-        print(f"  32-text throughput:        {new['batch32'] / old['batch32']:.1%}")
+        ratios = [n / o for n, o in zip(new["batch32"], old["batch32"], strict=True)]
+        print(
+            "  32-text throughput per round: "
+            + ", ".join(f"{ratio:.1%}" for ratio in ratios)
+            + f"; overall {sum(new['batch32']) / sum(old['batch32']):.1%}"
+        )
 
 
 if __name__ == "__main__":
