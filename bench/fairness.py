@@ -239,9 +239,12 @@ def main() -> None:
                     seconds=args.seconds,
                 )
                 results[name].setdefault("batch32", []).append(run["sentences_per_s"])
+                failures = run["failures"]
                 print(
                     f"  round {round_number + 1} {name:<14} {run['sentences_per_s']:7.1f} "
-                    f"(p50 {run['p50']:.0f} ms, {len(run['failures'])} failures)"
+                    f"(p50 {run['p50']:.0f} ms, {len(failures)} failures"
+                    + (f", first: {failures[0][:120]}" if failures else "")
+                    + ")"
                 )
     if args.baseline:
         new, old = results["this checkout"], results["baseline"]
