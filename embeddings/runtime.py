@@ -1,8 +1,10 @@
 """The model, loaded once per process, and the one door through which requests reach it.
 
 A gunicorn worker loads the model when Django starts (see `EmbeddingsConfig.ready`); requests
-then go through `get_runtime()`, whose batcher groups concurrent requests into shared forward
-passes. Unit tests install a fake encoder with `install_runtime`.
+then go through `get_runtime()`: `Runtime.tokenize` tokenizes a request's texts once (cut to
+what the model can read, see `Tokenized`), and `Runtime.embed` hands those tokens to the batcher,
+which shares forward passes fairly between requests and tenants. Unit tests install a fake
+encoder with `install_runtime`.
 """
 
 from __future__ import annotations
