@@ -1,20 +1,23 @@
 """The model, loaded once per process, and the one door through which requests reach it.
 
 A gunicorn worker loads the model when Django starts (see `EmbeddingsConfig.ready`); requests
-then go through `get_runtime()`, whose batcher groups concurrent requests into shared forward
-passes. Unit tests install a fake encoder with `install_runtime`.
+then go through `get_runtime()`: `Runtime.tokenize` tokenizes a request's texts once (cut to
+what the model can read, see `Tokenized`), and `Runtime.embed` hands those tokens to the batcher,
+which shares forward passes fairly between requests and tenants. Unit tests install a fake
+encoder with `install_runtime`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from django.conf import settings
@@ -32,6 +35,68 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says why and what to do."""
 
 
+TruncationDirection = Literal["right", "left"]
+
+# Extra tokens a cut text must still yield beyond the model's limit: tokens next to the cut may
+# come out differently than in the whole text (a word cut in two), so they are never kept.
+CUT_MARGIN_TOKENS = 16
+
+
+class InputTooLong(ValueError):
+    """An input is longer than the model reads and the request asked not to truncate it."""
+
+    def __init__(self, *, index: int, tokens: int, at_least: bool, limit: int) -> None:
+        self.index = index
+        self.tokens = tokens
+        self.at_least = at_least
+        self.limit = limit
+        count = f"at least {tokens}" if at_least else str(tokens)
+        super().__init__(
+            f"Input {index} has {count} tokens; this model reads at most {limit} tokens per input."
+        )
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Texts tokenized once, as the model will read them, with what the response and usage say.
+
+    `inputs[i]` is what the encoder's forward pass reads for text i (token ids for the real
+    model: special tokens and prompt included, truncated). `token_counts[i]` is the number of
+    tokens actually embedded (what usage charges); `truncated[i]` whether anything was cut.
+    `input_token_counts[i]` is the length of the whole input in tokens, so an over-long input can
+    be refused before model work; where `counted_in_full[i]` is false the text was cut before
+    tokenizing (it was far over the limit) and the count is a lower bound, still over the limit.
+    """
+
+    prompt: str
+    inputs: list[Any]
+    token_counts: list[int]
+    truncated: list[bool]
+    input_token_counts: list[int]
+    counted_in_full: list[bool]
+    max_seq_length: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.token_counts)
+
+    @property
+    def truncated_count(self) -> int:
+        return sum(self.truncated)
+
+    def first_too_long(self) -> InputTooLong | None:
+        """The refusal for the first input over the limit, if any (for `truncate: false`)."""
+        for index, tokens in enumerate(self.input_token_counts):
+            if tokens > self.max_seq_length:
+                return InputTooLong(
+                    index=index,
+                    tokens=tokens,
+                    at_least=not self.counted_in_full[index],
+                    limit=self.max_seq_length,
+                )
+        return None
+
+
 class Encoder(Protocol):
     """What the API needs from a model. The real one wraps sentence-transformers."""
 
@@ -43,19 +108,26 @@ class Encoder(Protocol):
     default_prompt_name: str | None
     vocab_size: int
 
-    def count_tokens(self, texts: list[str], prompt: str) -> list[int]: ...
+    def tokenize(
+        self, texts: list[str], *, prompt: str, truncation_direction: TruncationDirection = "right"
+    ) -> Tokenized: ...
 
-    def encode(self, texts: list[str], prompt: str) -> np.ndarray: ...
+    def encode_tokenized(self, inputs: list[Any], prompt: str) -> np.ndarray: ...
 
     def decode_token_ids(self, token_ids: list[int]) -> str: ...
 
 
 @dataclass
 class SentenceTransformerEncoder:
+    """Tokenizes each text once (cut first to what the model can read) and runs the model on
+    those ids: the same features, prompt handling, pooling, Dense layers, normalization and
+    Matryoshka truncation as `SentenceTransformer.encode`, without its second tokenization."""
+
     model: Any
     name: str
     dtype: str
     load_seconds: float = 0.0
+    _prompt_lengths: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def dimensions(self) -> int:
@@ -81,25 +153,158 @@ class SentenceTransformerEncoder:
     def vocab_size(self) -> int:
         return len(self.model.tokenizer)
 
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for: the longest vocabulary
+        entry as stored (WordPiece's '##' and byte-level BPE's one symbol per byte only make the
+        stored form longer than the text it matches)."""
+        return max(1, max(len(token) for token in self.model.tokenizer.get_vocab()))
+
+    @property
+    def char_budget(self) -> int:
+        """Characters of a text worth tokenizing: enough for every token the model can read."""
+        return (self.max_seq_length + CUT_MARGIN_TOKENS) * self.longest_token_chars
+
+    def tokenize(
+        self, texts: list[str], *, prompt: str, truncation_direction: TruncationDirection = "right"
+    ) -> Tokenized:
+        limit = self.max_seq_length
+        budgets = [self.char_budget] * len(texts)
+        ids: list[list[int]] = [[] for _ in texts]
+        cut = [False] * len(texts)
+        todo = list(range(len(texts)))
+        while todo:
+            pieces = [_cut(texts[i], budgets[i], truncation_direction) for i in todo]
+            encoded = self._tokenizer_ids(
+                [prompt + piece for piece in pieces], with_special_mask=True
+            )
+            retry = []
+            for i, piece, row, mask in zip(
+                todo, pieces, encoded["input_ids"], encoded["special_tokens_mask"], strict=True
+            ):
+                ids[i], cut[i] = row, len(piece) < len(texts[i])
+                # Text the tokenizer drops (runs of whitespace, control characters) can leave a
+                # cut text short of tokens: it then gets a larger share, never a lost token.
+                if cut[i] and len(row) - sum(mask) < limit + CUT_MARGIN_TOKENS:
+                    budgets[i] *= 4
+                    retry.append(i)
+            todo = retry
+        head = self._prompt_length(prompt)
+        inputs = [
+            _truncate(row, limit=limit, head=head, direction=truncation_direction, specials=tail)
+            for row, tail in zip(ids, self._trailing_specials(ids), strict=True)
+        ]
+        return Tokenized(
+            prompt=prompt,
+            inputs=inputs,
+            token_counts=[len(row) for row in inputs],
+            truncated=[len(row) > limit or was_cut for row, was_cut in zip(ids, cut, strict=True)],
+            input_token_counts=[len(row) for row in ids],
+            counted_in_full=[not was_cut for was_cut in cut],
+            max_seq_length=limit,
+        )
+
+    def _tokenizer_ids(self, texts: list[str], *, with_special_mask: bool = False) -> Any:
+        # Never truncated or padded here (`_truncate` and `_features` do that): the tokenizer's
+        # state then never changes, so request threads can share it.
+        return self.model.tokenizer(
+            texts,
+            add_special_tokens=True,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_special_tokens_mask=with_special_mask,
+            verbose=False,
+        )
+
+    def _trailing_specials(self, rows: list[list[int]]) -> list[int]:
+        special = set(self.model.tokenizer.all_special_ids)
+        counts = []
+        for row in rows:
+            count = 0
+            while count < len(row) and row[len(row) - 1 - count] in special:
+                count += 1
+            counts.append(count)
+        return counts
+
+    def _prompt_length(self, prompt: str) -> int:
+        """Leading tokens that are not text: special tokens and the prompt, measured the way
+        sentence-transformers measures `prompt_length` (without a trailing special token)."""
+        if prompt not in self._prompt_lengths:
+            row = self._tokenizer_ids([prompt])["input_ids"][0]
+            self._prompt_lengths[prompt] = len(row) - min(1, self._trailing_specials([row])[0])
+        return self._prompt_lengths[prompt]
+
+    def encode_tokenized(self, inputs: list[Any], prompt: str) -> np.ndarray:
+        import torch
+
+        features = self._features(inputs, prompt)
+        with torch.inference_mode():
+            output = self.model(features)["sentence_embedding"]
+            if self.model.truncate_dim is not None:
+                output = output[..., : self.model.truncate_dim]
+            return np.asarray(output.float().cpu().numpy(), dtype=np.float32)
+
+    def _features(self, inputs: list[list[int]], prompt: str) -> dict[str, Any]:
+        """What `SentenceTransformer.preprocess` makes of texts, from their token ids."""
+        import torch
+
+        tokenizer = self.model.tokenizer
+        width = max(len(row) for row in inputs)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(inputs), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, row in enumerate(inputs):
+            span = (
+                slice(width - len(row), width)
+                if tokenizer.padding_side == "left"
+                else slice(0, len(row))
+            )
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, span] = 1
+        device = self.model.device
+        features: dict[str, Any] = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "modality": "text",
+        }
+        if "token_type_ids" in tokenizer.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        if prompt:
+            features["prompt_length"] = self._prompt_length(prompt)
+        return features
+
     def count_tokens(self, texts: list[str], prompt: str) -> list[int]:
-        # The model's own preprocessing, so the count is exactly what the forward pass sees
-        # (prompt and special tokens included, truncated at max_seq_length).
-        features = self.model.preprocess(texts, prompt=prompt or None)
-        return [int(n) for n in features["attention_mask"].sum(dim=1).tolist()]
+        """Tokens the model reads per text (prompt and special tokens included, truncated)."""
+        return self.tokenize(texts, prompt=prompt).token_counts
 
     def encode(self, texts: list[str], prompt: str) -> np.ndarray:
-        vectors = self.model.encode(
-            texts,
-            prompt=prompt or None,
-            batch_size=max(len(texts), 1),
-            convert_to_numpy=True,
-            normalize_embeddings=False,
-            show_progress_bar=False,
-        )
-        return np.asarray(vectors, dtype=np.float32)
+        return self.encode_tokenized(self.tokenize(texts, prompt=prompt).inputs, prompt)
 
     def decode_token_ids(self, token_ids: list[int]) -> str:
         return self.model.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _cut(text: str, budget: int, direction: TruncationDirection) -> str:
+    """The part of `text` that can matter when the model keeps its start (right truncation)
+    or its end (left)."""
+    if len(text) <= budget:
+        return text
+    return text[:budget] if direction == "right" else text[-budget:]
+
+
+def _truncate(
+    row: list[int], *, limit: int, head: int, direction: TruncationDirection, specials: int
+) -> list[int]:
+    """`row` cut to `limit` tokens as the tokenizer's own truncation would: the leading special
+    tokens and (for left truncation) the prompt, and the trailing special tokens, stay."""
+    if len(row) <= limit:
+        return row
+    if direction == "right":
+        return row[: limit - specials] + row[len(row) - specials :]
+    head = min(head, limit - specials - 1)
+    return row[:head] + row[len(row) - (limit - head) :]
 
 
 def bundled_model_path() -> Path:
@@ -202,19 +407,57 @@ def load_encoder(
 
 
 class Runtime:
-    """The process's encoder and batcher."""
+    """The process's encoder and batcher: tokenize a request's texts once, then embed them."""
 
     def __init__(self, encoder: Encoder, *, max_batch_size: int) -> None:
         self.encoder = encoder
         self.batcher = Batcher(
-            encoder.encode,
+            encoder.encode_tokenized,
             max_batch_size=max_batch_size,
             max_batch_tokens=settings.BATCH_MAX_TOKENS,
             wait_seconds=settings.BATCH_WAIT_MS / 1000.0,
+            max_queued_texts=settings.BATCH_QUEUE_MAX_TEXTS,
+            max_queued_tokens=settings.BATCH_QUEUE_MAX_TOKENS,
         )
 
-    def embed(self, texts: list[str], *, prompt: str, token_counts: list[int]) -> np.ndarray:
-        future = self.batcher.submit(texts, prompt=prompt, token_counts=token_counts)
+    def tokenize(
+        self,
+        texts: list[str],
+        *,
+        prompt: str,
+        truncate: bool = True,
+        truncation_direction: TruncationDirection = "right",
+    ) -> Tokenized:
+        """Tokenizes `texts` as the model will read them (see `Tokenized`). With
+        `truncate=False` an input longer than the model reads raises `InputTooLong` here,
+        before any model work; otherwise it is cut on the side `truncation_direction` names
+        (`right` keeps the start, `left` the end; the prompt is always kept)."""
+        if truncation_direction not in ("right", "left"):
+            raise ValueError(
+                f"truncation_direction must be right or left, not {truncation_direction!r}"
+            )
+        tokenized = self.encoder.tokenize(
+            texts, prompt=prompt, truncation_direction=truncation_direction
+        )
+        if not truncate and (refusal := tokenized.first_too_long()) is not None:
+            raise refusal
+        return tokenized
+
+    def embed(
+        self, tokenized: Tokenized, *, key: str = "", max_texts_in_flight: int | None = None
+    ) -> np.ndarray:
+        """One row per text of `tokenized`. `key` (the tenant) shares forward passes fairly
+        between tenants; `max_texts_in_flight` caps that key's texts waiting in this worker.
+        Raises `ModelOverloaded` (503) or `TooManyTextsInFlight` (429) at once when the
+        worker's queue cannot take the texts, and `FutureTimeout` after
+        ENCODE_TIMEOUT_SECONDS."""
+        future = self.batcher.submit(
+            tokenized.inputs,
+            prompt=tokenized.prompt,
+            token_counts=tokenized.token_counts,
+            key=key,
+            max_texts_in_flight=max_texts_in_flight,
+        )
         try:
             return future.result(timeout=settings.ENCODE_TIMEOUT_SECONDS)
         except FutureTimeout:

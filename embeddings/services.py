@@ -166,15 +166,15 @@ def embed(
     prompt = resolve_prompt(runtime, prompt_name)
     size = resolve_dimensions(runtime, dimensions)
     with call.timed("tokenize"):
-        token_counts = runtime.encoder.count_tokens(texts, prompt)
-    tokens = sum(token_counts)
+        tokenized = runtime.tokenize(texts, prompt=prompt)
+    tokens = tokenized.tokens
     with call.timed("ratelimit"):
         consume_tokens(state=call.rate_limit, tokens=tokens)
     try:
         with call.timed("quota"):
             accounts.check_quota(tenant=tenant, tokens=tokens)
         with call.timed("model"):
-            vectors = runtime.embed(texts, prompt=prompt, token_counts=token_counts)
+            vectors = runtime.embed(tokenized, key=str(tenant.pk))
         shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
         with call.timed("charge"):
             accounts.charge_and_log(record=call.usage_record(status_code=200, tokens=tokens))

@@ -105,6 +105,15 @@ class ServiceUnavailable(ApiError):
     error_type = SERVICE_UNAVAILABLE
 
 
+class ModelOverloaded(ServiceUnavailable):
+    """The worker's queue is full: refused at once, with when to come back."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(
+            message, code="model_overloaded", headers={"Retry-After": str(max(1, retry_after))}
+        )
+
+
 class RateLimitExceeded(ApiError):
     status_code = status.HTTP_429_TOO_MANY_REQUESTS
     error_type = RATE_LIMIT

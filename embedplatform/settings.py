@@ -190,7 +190,10 @@ TOKEN_ID_INPUT = env.str("TOKEN_ID_INPUT", default="tiktoken")
 # Cross-request batching: how long the batcher waits for company, and the padded-token budget
 # of one forward pass (batch size x longest text), which keeps one long text from ballooning memory.
 BATCH_WAIT_MS = env.float("BATCH_WAIT_MS", default=2.0)
-BATCH_MAX_TOKENS = env.int("BATCH_MAX_TOKENS", default=16384)
+BATCH_MAX_TOKENS = env.int("BATCH_MAX_TOKENS", default=4096)
+# Bounds of one worker's queue (texts, padded tokens): beyond them a request gets 503 at once.
+BATCH_QUEUE_MAX_TEXTS = env.int("BATCH_QUEUE_MAX_TEXTS", default=1024)
+BATCH_QUEUE_MAX_TOKENS = env.int("BATCH_QUEUE_MAX_TOKENS", default=131072)
 # A request waiting longer than this for the model gets a 503 rather than holding its thread.
 ENCODE_TIMEOUT_SECONDS = env.float("ENCODE_TIMEOUT_SECONDS", default=60.0)
 # torch intra-op threads per worker process; 0 means cores // WEB_CONCURRENCY.

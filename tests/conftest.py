@@ -49,6 +49,23 @@ class FakeEncoder:
     def count_tokens(self, texts: list[str], prompt: str) -> list[int]:
         return [min(self.max_seq_length, len((prompt + text).split()) + 2) for text in texts]
 
+    def tokenize(
+        self, texts: list[str], *, prompt: str, truncation_direction: str = "right"
+    ) -> runtime.Tokenized:
+        whole = [len((prompt + text).split()) + 2 for text in texts]
+        return runtime.Tokenized(
+            prompt=prompt,
+            inputs=list(texts),
+            token_counts=self.count_tokens(texts, prompt),
+            truncated=[count > self.max_seq_length for count in whole],
+            input_token_counts=whole,
+            counted_in_full=[True] * len(texts),
+            max_seq_length=self.max_seq_length,
+        )
+
+    def encode_tokenized(self, inputs: list[str], prompt: str) -> np.ndarray:
+        return self.encode(inputs, prompt)
+
     def encode(self, texts: list[str], prompt: str) -> np.ndarray:
         self.encoded.append(list(texts))
         rows = []

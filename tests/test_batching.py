@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
 
-from embeddings.batching import Batcher, _settle
+from embeddings import runtime
+from embeddings.batching import Batcher, TooManyTextsInFlight, _settle
+from embedplatform.errors import ModelOverloaded, describe
 
 
 class RecordingModel:
@@ -32,14 +35,41 @@ def expected(texts: list[str], prompt: str = "") -> np.ndarray:
 
 
 def make(model: RecordingModel, **overrides: float) -> Batcher:
-    options = {"max_batch_size": 32, "max_batch_tokens": 10_000, "wait_seconds": 0.01}
+    options = {
+        "max_batch_size": 32,
+        "max_batch_tokens": 10_000,
+        "wait_seconds": 0.01,
+        "max_queued_texts": 10_000,
+        "max_queued_tokens": 1_000_000,
+    }
     options.update(overrides)
     return Batcher(
         model,
         max_batch_size=int(options["max_batch_size"]),
         max_batch_tokens=int(options["max_batch_tokens"]),
         wait_seconds=float(options["wait_seconds"]),
+        max_queued_texts=int(options["max_queued_texts"]),
+        max_queued_tokens=int(options["max_queued_tokens"]),
     )
+
+
+class GatedModel(RecordingModel):
+    """Holds every pass until the test opens the gate, so a test can arrange the queue while
+    a pass is running."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, texts: list[str], prompt: str) -> np.ndarray:
+        self.started.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().__call__(texts, prompt)
+
+
+def words(count: int, prefix: str) -> list[str]:
+    return [f"{prefix}{i} " + "w " * 5 for i in range(count)]
 
 
 def submit(batcher: Batcher, texts: list[str], prompt: str = "") -> np.ndarray:
@@ -146,3 +176,193 @@ def test_it_answers_a_request_that_gave_up_without_dying() -> None:
     _settle(gave_up, result=np.zeros((1, 2), np.float32))
     _settle(gave_up, exception=RuntimeError("model failed"))
     assert gave_up.cancelled()
+
+
+def test_it_puts_a_short_request_in_the_pass_right_after_the_running_one() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4, wait_seconds=0)
+    large = batcher.submit(words(16, "a"), prompt="", token_counts=[6] * 16, key="tenant-a")
+    assert model.started.wait(5)
+    short = batcher.submit(["b0 short"], prompt="", token_counts=[2], key="tenant-b")
+    model.gate.set()
+    short.result(timeout=10)
+    large.result(timeout=10)
+    passes = [texts for texts, _ in model.passes]
+    assert len(passes) == 5  # 16 texts in passes of 4, plus the short one sharing a pass
+    assert all(text.startswith("a") for text in passes[0])
+    # Right after the running pass, and in a pass of its own rather than padded out to A's texts.
+    assert passes[1] == ["b0 short"], "the short request waited behind more than one pass"
+    batcher.close()
+
+
+def test_it_shares_passes_between_tenants_not_between_their_requests() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4, wait_seconds=0)
+    blocker = batcher.submit(["blocker"], prompt="", token_counts=[1], key="tenant-z")
+    assert model.started.wait(5)
+    # Tenant A queues three large requests, tenant B one: B gets every other pass, not a
+    # quarter of them.
+    a_jobs = [
+        batcher.submit(words(8, f"a{n}-"), prompt="", token_counts=[6] * 8, key="tenant-a")
+        for n in range(3)
+    ]
+    b_job = batcher.submit(words(8, "b-"), prompt="", token_counts=[6] * 8, key="tenant-b")
+    model.gate.set()
+    for future in [blocker, *a_jobs, b_job]:
+        future.result(timeout=10)
+    owners = [{text[0] for text in texts} for texts, _ in model.passes[1:]]
+    assert owners[:4] == [{"a"}, {"b"}, {"a"}, {"b"}]
+    # Within a tenant its requests take turns too: A's second pass serves its second request.
+    assert model.passes[3][0][0].startswith("a1-")
+    batcher.close()
+
+
+def test_it_keeps_a_request_in_one_pass_when_it_fills_it() -> None:
+    # Fairness must not cost cross-request batching: 32-text requests still take whole passes
+    # one after the other, instead of being sliced across every waiting request.
+    model = GatedModel()
+    batcher = make(model, max_batch_size=8, wait_seconds=0)
+    blocker = batcher.submit(["blocker"], prompt="", token_counts=[1], key="z")
+    assert model.started.wait(5)
+    jobs = [
+        batcher.submit(words(8, f"{n}-"), prompt="", token_counts=[6] * 8, key="k")
+        for n in range(3)
+    ]
+    model.gate.set()
+    for future in [blocker, *jobs]:
+        future.result(timeout=10)
+    later = [texts for texts, _ in model.passes[1:]]
+    assert [len(texts) for texts in later] == [8, 8, 8]
+    assert [{text.split("-")[0] for text in texts} for texts in later] == [{"0"}, {"1"}, {"2"}]
+    batcher.close()
+
+
+def test_it_refuses_at_once_with_503_and_retry_after_when_the_queue_is_full() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4, wait_seconds=0, max_queued_texts=10)
+    running = batcher.submit(words(6, "a"), prompt="", token_counts=[6] * 6, key="a")
+    assert model.started.wait(5)
+    queued = batcher.submit(words(4, "b"), prompt="", token_counts=[6] * 4, key="b")
+    assert batcher.load() == (10, 60)
+    started = time.perf_counter()
+    with pytest.raises(ModelOverloaded) as refused:
+        batcher.submit(["c"], prompt="", token_counts=[1], key="c")
+    assert time.perf_counter() - started < 1, "a full queue must refuse, not wait"
+    status_code, body, headers = describe(refused.value)
+    assert status_code == 503
+    assert body["error"]["code"] == "model_overloaded"
+    assert int(headers["Retry-After"]) >= 1
+    model.gate.set()
+    running.result(timeout=10)
+    queued.result(timeout=10)
+    # Served work gives its room back, and the next request gets in.
+    assert batcher.load() == (0, 0)
+    submit(batcher, ["after"])
+    batcher.close()
+
+
+def test_it_bounds_the_queue_in_padded_tokens_too() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=2, wait_seconds=0, max_queued_tokens=100)
+    # Sorted longest first and chunked by two, these cost 50 + 50 + 10 + 10 padded tokens.
+    running = batcher.submit(["a", "b", "c", "d"], prompt="", token_counts=[50, 10, 40, 5], key="a")
+    assert batcher.load() == (4, 120)
+    assert model.started.wait(5)
+    with pytest.raises(ModelOverloaded):
+        batcher.submit(["x"], prompt="", token_counts=[1], key="b")
+    model.gate.set()
+    running.result(timeout=10)
+    batcher.close()
+
+
+def test_it_caps_the_texts_one_tenant_has_in_flight() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4, wait_seconds=0)
+    first = batcher.submit(words(4, "a"), prompt="", token_counts=[6] * 4, key="a")
+    assert model.started.wait(5)
+    with pytest.raises(TooManyTextsInFlight) as refused:
+        batcher.submit(
+            words(2, "a"), prompt="", token_counts=[6] * 2, key="a", max_texts_in_flight=5
+        )
+    status_code, body, headers = describe(refused.value)
+    assert (status_code, body["error"]["code"]) == (429, "too_many_texts_in_flight")
+    assert int(headers["Retry-After"]) >= 1
+    # Within the cap, and for another tenant, requests still get in.
+    within = batcher.submit(["a5"], prompt="", token_counts=[6], key="a", max_texts_in_flight=5)
+    other = batcher.submit(words(4, "b"), prompt="", token_counts=[6] * 4, key="b")
+    model.gate.set()
+    for future in (first, within, other):
+        future.result(timeout=10)
+    batcher.close()
+
+
+def test_it_lets_one_tenant_hold_at_most_half_the_queue() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4, wait_seconds=0, max_queued_texts=20)
+    first = batcher.submit(words(8, "a"), prompt="", token_counts=[6] * 8, key="a")
+    assert model.started.wait(5)
+    with pytest.raises(TooManyTextsInFlight):
+        batcher.submit(words(3, "a"), prompt="", token_counts=[6] * 3, key="a")
+    # The other half stays for everyone else.
+    other = batcher.submit(words(10, "b"), prompt="", token_counts=[6] * 10, key="b")
+    model.gate.set()
+    first.result(timeout=10)
+    other.result(timeout=10)
+    batcher.close()
+
+
+def test_it_admits_a_request_larger_than_the_queue_when_its_tenant_has_nothing_waiting() -> None:
+    model = RecordingModel(delay=0)
+    batcher = make(model, max_batch_size=4, max_queued_texts=3)
+    texts = words(8, "a")
+    np.testing.assert_array_equal(submit(batcher, texts), expected(texts))
+    assert batcher.load() == (0, 0)
+    batcher.close()
+
+
+def test_it_gives_back_the_room_of_a_request_that_gave_up() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=2, wait_seconds=0)
+    blocker = batcher.submit(["blocker"], prompt="", token_counts=[1], key="z")
+    assert model.started.wait(5)
+    abandoned = batcher.submit(words(6, "a"), prompt="", token_counts=[6] * 6, key="a")
+    assert batcher.load("a") == (6, 36)
+    assert abandoned.cancel()
+    model.gate.set()
+    blocker.result(timeout=10)
+    submit(batcher, ["after"])
+    assert batcher.load() == (0, 0)
+    assert batcher.load("a") == (0, 0)
+    batcher.close()
+
+
+@pytest.mark.django_db
+def test_it_answers_503_model_overloaded_with_retry_after_and_charges_nothing(
+    fake_encoder: Any, alice: Any, api: Any, settings: Any
+) -> None:
+    from accounts.models import UsageLog
+
+    settings.BATCH_QUEUE_MAX_TEXTS = 2
+    gate = threading.Event()
+    encode = fake_encoder.encode_tokenized
+
+    def held(inputs: list[str], prompt: str) -> np.ndarray:
+        assert gate.wait(10)
+        return encode(inputs, prompt)
+
+    fake_encoder.encode_tokenized = held
+    current = runtime.install_runtime(fake_encoder)
+    assert current is not None
+    try:
+        busy = current.batcher.submit(["x", "y"], prompt="", token_counts=[3, 3], key="other")
+        started = time.perf_counter()
+        response = api.post("/embed", {"text": "hello"}, format="json", headers=alice.headers)
+        assert time.perf_counter() - started < 5
+    finally:
+        gate.set()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_overloaded"
+    assert int(response["Retry-After"]) >= 1
+    busy.result(timeout=10)
+    row = UsageLog.objects.get(tenant=alice.tenant)
+    assert (row.status_code, row.tokens) == (503, 0)
