@@ -80,6 +80,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "embedplatform.middleware.RequestIdMiddleware",
+    "embedplatform.logs.RequestLogContextMiddleware",
     # CORS before anything that can answer: preflights are answered here, before authentication
     # (a browser sends them without credentials), and error responses carry the CORS headers too.
     "corsheaders.middleware.CorsMiddleware",
@@ -368,8 +369,15 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "embedplatform.jsonlog.JsonFormatter"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+    "formatters": {"json": {"()": "embedplatform.logs.JsonFormatter"}},
+    "filters": {"request_id": {"()": "embedplatform.logs.RequestIdFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # Per-request lines come from gunicorn's access log; Django's would repeat them.
