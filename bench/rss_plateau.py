@@ -1,6 +1,7 @@
 """Worker RSS under sustained large inputs, against a real gunicorn, in one run.
 
-    .venv/bin/python bench/rss_plateau.py [--baseline DIR] [--requests 40] [--env MALLOC_ARENA_MAX=2]
+    .venv/bin/python bench/rss_plateau.py [--baseline DIR] [--requests 40] \
+        [--env MALLOC_ARENA_MAX=2]
 
 Starts one gunicorn worker (MiniLM) from this checkout (and, with --baseline, from another
 checkout first, the same way), sends `--requests` /embed requests each carrying one ~1 MB text
