@@ -453,6 +453,14 @@ _CODES = [
             retry_after=17,
             tokens=12000,
         ),
+        _e(
+            "too_many_texts_in_flight",
+            "Too many texts waiting",
+            "This tenant already has {waiting} texts waiting for the model on this server; at "
+            "most {limit} may wait at once. Retry shortly, or send fewer requests at a time.",
+            waiting=512,
+            limit=512,
+        ),
     ),
     *_entries(
         429,
