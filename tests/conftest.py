@@ -40,7 +40,7 @@ class FakeEncoder:
     dimensions = 16
     max_seq_length = 64
     prompts = {"query": "query: ", "document": "doc: "}
-    default_prompt_name = None
+    default_prompt_name: str | None = None
     vocab_size = 1000
 
     def __init__(self) -> None:
@@ -72,7 +72,7 @@ class FakeEncoder:
 @pytest.fixture
 def fake_encoder() -> Iterator[FakeEncoder]:
     encoder = FakeEncoder()
-    runtime.install_runtime(encoder)  # type: ignore[arg-type]
+    runtime.install_runtime(encoder)
     yield encoder
     runtime.install_runtime(None)
 

@@ -353,7 +353,7 @@ def test_it_turns_an_unexpected_model_failure_into_a_json_500(
     monkeypatch.setattr(fake_encoder, "encode", explode)
     from embeddings import runtime
 
-    runtime.install_runtime(fake_encoder)  # type: ignore[arg-type]
+    runtime.install_runtime(fake_encoder)
     response = post(alice, "/embed", {"text": "a"})
     error = assert_error(response, 500, error_type="server_error")
     assert "secret" not in error["message"]

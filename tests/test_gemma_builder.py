@@ -146,4 +146,4 @@ def test_it_builds_through_the_cli(tmp_path: Path) -> None:
 
 def test_it_rejects_unknown_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size"):
-        build_gemma_like_model(tmp_path / "x", size="huge")  # type: ignore[arg-type]
+        build_gemma_like_model(tmp_path / "x", size="huge")  # type: ignore[arg-type]  # refused on purpose

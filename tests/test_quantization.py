@@ -276,6 +276,7 @@ def test_it_matches_fp32_linear_closely(kernel: str, positive: bool) -> None:
     if positive:  # like post-GELU activations, which the asymmetric range is for
         inputs = inputs.abs()
     expected = linear(inputs)
+    # INT8_KERNELS is typed tuple[str, ...], not tuple[Int8Kernel, ...].
     quantized = Int8Linear.from_linear(linear, kernel=kernel)  # type: ignore[arg-type]
     actual = quantized(inputs)
     assert actual.shape == expected.shape
