@@ -59,7 +59,15 @@ class PercentileCont(Aggregate):
             raise NotSupportedError(
                 "PERCENTILE_CONT needs PostgreSQL; elsewhere, percentile_cont() computes it."
             )
-        return super().as_sql(compiler, connection, function, template, arg_joiner, **extra_context)
+        # Aggregate.as_sql takes these as keywords only (its stub inherits Func's signature).
+        return super().as_sql(
+            compiler,
+            connection,
+            function=function,
+            template=template,
+            arg_joiner=arg_joiner,
+            **extra_context,
+        )
 
 
 def percentile_cont(values: Sequence[float], fraction: float) -> float | None:
