@@ -85,7 +85,10 @@ class PlanAdmin(admin.ModelAdmin):
     empty_value_display = "service default"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Plan]:
-        return super().get_queryset(request).annotate(tenant_total=Count("tenants"))
+        plans: QuerySet[Plan] = (
+            super().get_queryset(request).annotate(tenant_total=Count("tenants"))
+        )
+        return plans
 
     @admin.display(description="Tenants", ordering="tenant_total")
     def tenant_count(self, plan: Plan) -> int:
@@ -154,7 +157,10 @@ class TenantAdmin(admin.ModelAdmin):
             .filter(tenant=OuterRef("pk"))
             .values("tokens")
         )
-        return super().get_queryset(request).annotate(month_tokens=Subquery(charged))
+        tenants: QuerySet[Tenant] = (
+            super().get_queryset(request).annotate(month_tokens=Subquery(charged))
+        )
+        return tenants
 
     @admin.display(description="Tokens this month", ordering="month_tokens")
     def tokens_this_month(self, tenant: Tenant) -> int:
@@ -286,10 +292,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
             kwargs["form"] = ApiKeyAddForm
         return super().get_form(request, obj, change=change, **kwargs)
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         if obj is None:
-            return ["tenant", "name", "expires_at"]
-        return [
+            return ("tenant", "name", "expires_at")
+        return (
             "tenant",
             "name",
             "prefix",
@@ -298,7 +304,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             "created_by",
             "created_at",
             "last_used_at",
-        ]
+        )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
         if obj is None:
@@ -321,6 +327,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         created, secret = services.create_api_key(
             tenant=obj.tenant,
             name=obj.name,
+            # The admin site lets only staff users in, never AnonymousUser.
             created_by=request.user,  # type: ignore[arg-type]
             expires_at=obj.expires_at,
         )
@@ -330,7 +337,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         obj._state.adding = False
         obj._state.db = created._state.db
         # Handed to response_add on the instance itself: it lives as long as this request.
-        obj._new_secret = secret  # type: ignore[attr-defined]
+        obj._new_secret = secret  # type: ignore[attr-defined]  # not a model field, on purpose
 
     def response_add(
         self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None

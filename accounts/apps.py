@@ -1,11 +1,6 @@
 from __future__ import annotations
 
-import logging
-
 from django.apps import AppConfig
-from django.conf import settings
-
-logger = logging.getLogger(__name__)
 
 
 class AccountsConfig(AppConfig):
@@ -19,6 +14,7 @@ class AccountsConfig(AppConfig):
         from accounts import models
         from accounts.credential_cache import forget_all
         from embeddings.apps import is_serving_process
+        from embedplatform.checks import log_configuration_warnings
 
         for model in (
             models.Plan,
@@ -31,19 +27,6 @@ class AccountsConfig(AppConfig):
             post_save.connect(forget_all, sender=model, dispatch_uid=f"forget-{model.__name__}")
             post_delete.connect(forget_all, sender=model, dispatch_uid=f"unforget-{model.__name__}")
 
-        if is_serving_process() and not settings.REDIS_URL:
-            # Said once at start: limits are then per process, not shared across workers or hosts.
-            logger.warning(
-                "rate_limits_use_local_cache",
-                extra={"detail": "REDIS_URL is not set; rate limits are counted per process."},
-            )
-        if is_serving_process() and not settings.DEBUG and settings.SUPABASE_JWT_SECRET_GENERATED:
-            # The embedded default runs like this, so it is no error; but a production service
-            # would accept only tokens signed with a secret it made up itself (mint_dev_token).
-            logger.warning(
-                "supabase_not_configured",
-                extra={
-                    "detail": "Neither SUPABASE_URL nor SUPABASE_JWT_SECRET is set; only "
-                    "development tokens signed with a generated secret are accepted."
-                },
-            )
+        if is_serving_process():
+            # gunicorn runs no system checks: a serving process says the warnings in its log.
+            log_configuration_warnings()

@@ -104,7 +104,7 @@ def nice_step(maximum: float, steps: int = 4) -> float:
     if maximum <= 0:
         return 1.0
     raw = maximum / steps
-    magnitude = 10 ** math.floor(math.log10(raw))
+    magnitude = 10.0 ** math.floor(math.log10(raw))
     for factor in (1, 2, 2.5, 5, 10):
         if raw <= factor * magnitude:
             return factor * magnitude

@@ -14,14 +14,18 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import NotSupportedError, connection
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Aggregate, Count, FloatField, Q, QuerySet, Sum
 from django.utils import timezone
 
 from accounts.models import Tenant, UsageLog
 from accounts.selectors import current_period_start, effective_limits, period_use, quota_periods
+
+if TYPE_CHECKING:
+    from django.db.models.sql.compiler import SQLCompiler, _AsSqlType
 
 WINDOW_DAYS = 30
 LATENCY_PERCENTILE = 0.95
@@ -42,12 +46,28 @@ class PercentileCont(Aggregate):
         # A float literal from code, never from a request, so it can sit in the SQL text.
         super().__init__(expression, fraction=repr(float(fraction)), **extra)
 
-    def as_sql(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
+    def as_sql(
+        self,
+        compiler: SQLCompiler,
+        connection: BaseDatabaseWrapper,
+        function: str | None = None,
+        template: str | None = None,
+        arg_joiner: str | None = None,
+        **extra_context: Any,
+    ) -> _AsSqlType:
         if connection.vendor != "postgresql":
             raise NotSupportedError(
                 "PERCENTILE_CONT needs PostgreSQL; elsewhere, percentile_cont() computes it."
             )
-        return super().as_sql(compiler, connection, **extra_context)
+        # Aggregate.as_sql takes these as keywords only (its stub inherits Func's signature).
+        return super().as_sql(
+            compiler,
+            connection,
+            function=function,
+            template=template,
+            arg_joiner=arg_joiner,
+            **extra_context,
+        )
 
 
 def percentile_cont(values: Sequence[float], fraction: float) -> float | None:
@@ -163,7 +183,7 @@ def _daily_usage_postgresql(
               {tenant_condition}
         ) AS usage
     """
-    params = {
+    params: dict[str, Any] = {
         "first": first_day,
         "last": first_day + timedelta(days=days - 1),
         "fraction": LATENCY_PERCENTILE,

@@ -166,7 +166,9 @@ def _reject_audience_or_issuer(
     # the answer that says what it is.
     _reject_project_key(pyjwt.decode(token, options={"verify_signature": False}).get("role"))
     missing = isinstance(exc, pyjwt.MissingRequiredClaimError)
-    if isinstance(exc, pyjwt.InvalidIssuerError) or (missing and exc.claim == "iss"):
+    if isinstance(exc, pyjwt.InvalidIssuerError) or (
+        isinstance(exc, pyjwt.MissingRequiredClaimError) and exc.claim == "iss"
+    ):
         _reject("The token was not issued by this service's Supabase project.", "invalid_issuer")
     if missing:
         _reject("The token has no audience (aud).", "invalid_audience")

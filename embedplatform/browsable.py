@@ -7,13 +7,14 @@ API clients are unaffected: a GET that does not ask for HTML is still a 405.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.urls import reverse
 from rest_framework import serializers
 from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from embeddings.schema import form_example
 
@@ -22,7 +23,14 @@ def wants_browsable_page(request: Request) -> bool:
     return isinstance(getattr(request, "accepted_renderer", None), BrowsableAPIRenderer)
 
 
-class BrowsableForm:
+if TYPE_CHECKING:
+    # A mixin for APIViews: the checker sees the view it is mixed into.
+    _MixedIntoView = APIView
+else:
+    _MixedIntoView = object
+
+
+class BrowsableForm(_MixedIntoView):
     """For a metered APIView with `serializer_class` (its input) and `endpoint`."""
 
     serializer_class: type[serializers.Serializer]
@@ -35,7 +43,11 @@ class BrowsableForm:
             kwargs["instance"] = form_example(self.endpoint)
         return self.serializer_class(*args, **kwargs)
 
-    def http_method_not_allowed(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+    # DRF hands its own Request here; django-stubs types View's with HttpRequest, and
+    # rest_framework-stubs' APIView ignores the same [override] for the same reason.
+    def http_method_not_allowed(  # type: ignore[override]
+        self, request: Request, *args: Any, **kwargs: Any
+    ) -> Response:
         if request.method == "GET" and wants_browsable_page(request):
             # Only POSTs are metered (MeteredEmbedView.initial): this page costs nothing.
             return Response(
@@ -47,4 +59,4 @@ class BrowsableForm:
                     "documentation": request.build_absolute_uri(reverse("swagger-ui")),
                 }
             )
-        return super().http_method_not_allowed(request, *args, **kwargs)  # type: ignore[misc]
+        return super().http_method_not_allowed(request, *args, **kwargs)

@@ -49,4 +49,5 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
             code="invalid_metrics_token",
             headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
         )
-    return ExportToDjangoView(request)
+    response: HttpResponse = ExportToDjangoView(request)
+    return response

@@ -289,6 +289,8 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 # Guesses made while locked out do not push the end of the lockout further away.
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_RESET_ON_SUCCESS = True
+# axes's own default, spelled out because accounts.login_throttling reads it.
+AXES_HTTP_RESPONSE_CODE = 429
 # Reverse proxies in front that append to X-Forwarded-For (1 behind nginx); 0 ignores the header.
 AXES_TRUSTED_PROXY_COUNT = env.int("AXES_TRUSTED_PROXY_COUNT", default=0)
 AXES_CLIENT_IP_CALLABLE = "accounts.login_throttling.client_ip"

@@ -40,7 +40,7 @@ class FakeEncoder:
     dimensions = 16
     max_seq_length = 64
     prompts = {"query": "query: ", "document": "doc: "}
-    default_prompt_name = None
+    default_prompt_name: str | None = None
     vocab_size = 1000
 
     def __init__(self) -> None:
@@ -75,7 +75,8 @@ class FakeEncoder:
                 np.frombuffer(digest[: self.dimensions * 2], dtype=np.uint8)[: self.dimensions]
             )
         vectors = np.asarray(rows, dtype=np.float32) - 127.5
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        normalized: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        return normalized
 
     def decode_token_ids(self, token_ids: list[int]) -> str:
         return " ".join(f"t{token_id}" for token_id in token_ids)
@@ -88,7 +89,7 @@ class FakeEncoder:
 @pytest.fixture
 def fake_encoder() -> Iterator[FakeEncoder]:
     encoder = FakeEncoder()
-    runtime.install_runtime(encoder)  # type: ignore[arg-type]
+    runtime.install_runtime(encoder)
     yield encoder
     runtime.install_runtime(None)
 
@@ -159,8 +160,9 @@ class Person:
         return {"Authorization": f"Bearer {self.token}"}
 
     @property
-    def client_headers(self) -> dict[str, str]:
+    def client_headers(self) -> dict[str, Any]:
         """The same, in the form Django's test client takes."""
+        # Any: spread as **extra into Client.get/post, whose other keywords are not all str.
         return {"HTTP_AUTHORIZATION": f"Bearer {self.token}"}
 
 

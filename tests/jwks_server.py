@@ -58,9 +58,10 @@ class SigningKey:
         }
 
     def public_pem(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
+        pem: bytes = self.private_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        return pem
 
 
 def generate_key(algorithm: str) -> SigningKey:
@@ -110,6 +111,8 @@ class FakeSupabase:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        if isinstance(host, bytes):  # a socket address may be bytes; ours is an IPv4 one
+            host = host.decode()
         return f"http://{host}:{port}"
 
     @property

@@ -47,7 +47,7 @@ def log_in(client: Client, password: str, *, username: str = "operator", **heade
 
 
 def logged_in(response: Any) -> bool:
-    return response.status_code == 302 and response["Location"] == "/admin/"
+    return bool(response.status_code == 302 and response["Location"] == "/admin/")
 
 
 def refused_as_locked_out(response: Any) -> bool:

@@ -38,7 +38,7 @@ from tests.test_embed_api import assert_error
 User = get_user_model()
 
 
-def usage(token: str, **headers: str) -> Any:
+def usage(token: str, **headers: Any) -> Any:
     return Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}", **headers)
 
 
@@ -114,7 +114,7 @@ def test_it_keeps_the_email_in_step_with_the_token(supabase: FakeSupabase) -> No
     assert User.objects.filter(supabase_identity__subject=subject).count() == 1
 
 
-def authenticate_and_resolve(token: str, **headers: str) -> services.Caller:
+def authenticate_and_resolve(token: str, **headers: Any) -> services.Caller:
     """What the identity layer does for every request: the credential, then the tenant."""
     request = Request(
         APIRequestFactory().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}", **headers),

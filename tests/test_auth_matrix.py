@@ -340,7 +340,7 @@ def test_it_refuses_a_bad_credential_with_401_and_does_no_work(
 ) -> None:
     users_before = User.objects.count()
     header = authorization(scene)
-    extra = {} if header is None else {"HTTP_AUTHORIZATION": header}
+    extra: dict[str, Any] = {} if header is None else {"HTTP_AUTHORIZATION": header}
     response = Client().post(
         "/embed", {"text": "hello world"}, content_type="application/json", **extra
     )

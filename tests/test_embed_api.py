@@ -46,7 +46,7 @@ def assert_error(
     assert response["Content-Type"].startswith("application/json")
     body = response.json()
     assert set(body) == {"error"}
-    error = body["error"]
+    error: dict[str, Any] = body["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str)
     assert error["message"]
@@ -354,7 +354,7 @@ def test_it_turns_an_unexpected_model_failure_into_a_json_500(
     monkeypatch.setattr(fake_encoder, "encode", explode)
     from embeddings import runtime
 
-    runtime.install_runtime(fake_encoder)  # type: ignore[arg-type]
+    runtime.install_runtime(fake_encoder)
     response = post(alice, "/embed", {"text": "a"})
     error = assert_error(response, 500, error_type="server_error")
     assert "secret" not in error["message"]
@@ -469,7 +469,7 @@ def test_it_does_not_meter_an_options_request(alice: Person, fake_encoder: FakeE
     ],
 )
 def test_it_refuses_a_bad_credential_with_an_unknown_format_without_a_500(
-    credential: str, extra: dict[str, str], fake_encoder: FakeEncoder, db: None
+    credential: str, extra: dict[str, Any], fake_encoder: FakeEncoder, db: None
 ) -> None:
     response = Client().post(
         "/embed", "{}", content_type="application/json", HTTP_AUTHORIZATION=credential, **extra

@@ -206,7 +206,7 @@ def test_it_finishes_requests_in_flight_when_told_to_stop(alice: Person, tmp_pat
     service.process.send_signal(signal.SIGTERM)
 
     # New requests after the signal: refused at the door or served, never half-answered.
-    late = []
+    late: list[requests.Response | None] = []
     for _ in range(5):
         try:
             late.append(service.post("/embed", json={"text": "late"}, headers=alice.headers))

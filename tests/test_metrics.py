@@ -54,7 +54,7 @@ class Scrape:
         )
 
 
-def scrape_in_process(**headers: str) -> Scrape:
+def scrape_in_process(**headers: Any) -> Scrape:
     response = Client().get("/metrics", **headers)
     assert response.status_code == 200, response.content
     assert response["Content-Type"].startswith("text/plain")
@@ -206,7 +206,7 @@ def test_it_refuses_a_scrape_without_the_metrics_token(
     settings: Any, db: None, authorization: str | None
 ) -> None:
     settings.METRICS_TOKEN = "s3cret-metrics-token"
-    headers = {"HTTP_AUTHORIZATION": authorization} if authorization else {}
+    headers: dict[str, Any] = {"HTTP_AUTHORIZATION": authorization} if authorization else {}
     response = Client().get("/metrics", **headers)
     assert response.status_code == 401
     assert response["WWW-Authenticate"].startswith("Bearer")

@@ -7,6 +7,7 @@ the bundled MiniLM and for a tiny EmbeddingGemma look-alike.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ MODES = ("fp32", "bf16", "fp16", "int8", "auto")
 SENTENCES = list(MULTILINGUAL_EVAL_SENTENCES)
 
 
-def _load(path: str, mode: str, **kwargs: object) -> tuple[SentenceTransformer, QuantizationInfo]:
+def _load(path: str, mode: str, **kwargs: Any) -> tuple[SentenceTransformer, QuantizationInfo]:
     return load_quantized_model(path, quantization=mode, token=None, max_seq_length=None, **kwargs)
 
 
@@ -273,6 +274,7 @@ def test_it_matches_fp32_linear_closely(kernel: str, positive: bool) -> None:
     if positive:  # like post-GELU activations, which the asymmetric range is for
         inputs = inputs.abs()
     expected = linear(inputs)
+    # INT8_KERNELS is typed tuple[str, ...], not tuple[Int8Kernel, ...].
     quantized = Int8Linear.from_linear(linear, kernel=kernel)  # type: ignore[arg-type]
     actual = quantized(inputs)
     assert actual.shape == expected.shape
@@ -285,6 +287,7 @@ def test_it_matches_fp32_linear_closely(kernel: str, positive: bool) -> None:
 def test_it_matches_gemma_scaled_embedding_lookup(gemma_path: str) -> None:
     fp32, _ = _load(gemma_path, "fp32")
     original = fp32[0].auto_model.embed_tokens
+    assert isinstance(original, nn.Embedding)
     quantized = Int8Embedding.from_embedding(original)
     ids = torch.tensor([[2, 10, 500, 4095, 0, 1]])
     expected = original(ids)

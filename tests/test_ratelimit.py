@@ -207,7 +207,7 @@ def test_it_serves_when_redis_is_unreachable_by_default(
     assert backend_errors() == errors_before + 1
     (record,) = outage_records(caplog)
     assert record.levelno == logging.WARNING
-    assert record.policy == "open"  # type: ignore[attr-defined]
+    assert record.policy == "open"  # type: ignore[attr-defined]  # set through logging's extra=
     assert UsageLog.objects.get().tokens == 4
 
 
@@ -229,7 +229,7 @@ def test_it_refuses_with_503_when_redis_is_unreachable_and_failing_closed(
     assert fake_encoder.texts_encoded == 0
     assert backend_errors() == errors_before + 1
     (record,) = outage_records(caplog)
-    assert record.policy == "closed"  # type: ignore[attr-defined]
+    assert record.policy == "closed"  # type: ignore[attr-defined]  # set through logging's extra=
     row = UsageLog.objects.get()
     assert (row.status_code, row.tokens, row.error_type) == (503, 0, "service_unavailable")
     assert not QuotaPeriod.objects.filter(
@@ -306,10 +306,10 @@ def test_it_gives_back_the_tokens_of_a_request_the_model_failed(
         raise RuntimeError("model failed")
 
     monkeypatch.setattr(fake_encoder, "encode", explode)
-    runtime.install_runtime(fake_encoder)  # type: ignore[arg-type]
+    runtime.install_runtime(fake_encoder)
     assert embed(alice).status_code == 500
     monkeypatch.undo()
-    runtime.install_runtime(fake_encoder)  # type: ignore[arg-type]
+    runtime.install_runtime(fake_encoder)
     served = embed(alice)
     assert served.status_code == 200
     assert served["x-ratelimit-remaining-tokens"] == "96"  # only the served request's 4

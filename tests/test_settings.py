@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.test_ratelimit import start_log
 
@@ -44,7 +45,7 @@ def documented() -> set[str]:
     return {m.group(1) for line in lines if (m := re.match(r"^#?\s*([A-Z][A-Z0-9_]+)=", line))}
 
 
-def settings_in_subprocess(env: dict[str, str]) -> dict[str, object]:
+def settings_in_subprocess(env: dict[str, str]) -> dict[str, Any]:
     code = """
 import json, os
 os.environ["DJANGO_SETTINGS_MODULE"] = "embedplatform.settings"
@@ -62,7 +63,8 @@ print(json.dumps({
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    loaded: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return loaded
 
 
 def bare_environment(tmp_path: Path) -> dict[str, str]:

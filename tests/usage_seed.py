@@ -53,7 +53,7 @@ def seed_usage(
     # Sorted by time, as a live log is appended: the table's physical order then follows
     # created_at, which is what the query plans in production see.
     moments = sorted(start + timedelta(seconds=rng.random() * span) for _ in range(rows))
-    values = []
+    values: list[tuple[object, ...]] = []
     for index, (tenant_id, created_at) in enumerate(zip(picks, moments, strict=True)):
         refused = rng.random() < 0.05
         status_code, error_type = rng.choice(REFUSALS) if refused else (200, "")
