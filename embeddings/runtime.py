@@ -22,6 +22,7 @@ from django.conf import settings
 from embeddings.batching import Batcher
 from embedplatform import metrics
 from embedplatform.cpus import torch_threads_per_worker
+from embedplatform.shutdown import wait_for_result
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class Runtime:
     def embed(self, texts: list[str], *, prompt: str, token_counts: list[int]) -> np.ndarray:
         future = self.batcher.submit(texts, prompt=prompt, token_counts=token_counts)
         try:
-            return future.result(timeout=settings.ENCODE_TIMEOUT_SECONDS)
+            return wait_for_result(future, settings.ENCODE_TIMEOUT_SECONDS)
         except FutureTimeout:
             future.cancel()  # the batcher skips what nobody waits for any more
             raise

@@ -1,0 +1,53 @@
+"""django-prometheus's PostgreSQL backend (query metrics) with every round trip bounded.
+
+statement_timeout makes the server cancel a slow query, but a server that accepted the connection
+and then went silent (hung, half-failed over, a stuck proxy) would keep the request waiting
+forever: here each query, commit, rollback and the pre-request health check is bounded by
+DATABASE_ROUND_TRIP_SECONDS (statement_timeout plus a margin), after which the connection is
+shut down and the request gets a 503 `database_unavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.db.utils import OperationalError
+from django_prometheus.db.backends.postgresql import base
+
+from embedplatform.faults import bounded_round_trip
+
+
+class DatabaseWrapper(base.DatabaseWrapper):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute_wrappers.append(self._bounded_execute)
+
+    def _round_trip(self) -> Any:
+        fd = self.connection.fileno() if self.connection is not None else None
+        return bounded_round_trip(fd, settings.DATABASE_ROUND_TRIP_SECONDS)
+
+    def _bounded_execute(
+        self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
+    ) -> Any:
+        with self._round_trip():
+            return execute(sql, params, many, context)
+
+    def _commit(self) -> None:
+        with self._round_trip():
+            super()._commit()
+
+    def _rollback(self) -> None:
+        with self._round_trip():
+            super()._rollback()
+
+    def is_usable(self) -> bool:
+        with self._round_trip() as trip:
+            usable = bool(super().is_usable())
+        if trip.tripped:
+            # The server is there but silent: reconnecting would only wait again, so this
+            # request fails now instead.
+            self.close()
+            raise OperationalError("The database did not answer its health check in time.")
+        return usable
