@@ -40,6 +40,7 @@ from embedplatform.errors import (
 )
 from embedplatform.errors import exception_handler as api_exception_handler
 from embedplatform.errors import server_error as plain_server_error
+from embedplatform.fault_state import request_state as _request_state
 from embedplatform.shutdown import SHUTDOWN_MARGIN_SECONDS, seconds_left, stopping
 
 logger = logging.getLogger("embedplatform.faults")
@@ -50,6 +51,12 @@ RETRY_AFTER_SECONDS = 5
 # The part of /health's ~2 s answer the database may use (the rest: Redis, the response).
 HEALTH_DATABASE_BUDGET_SECONDS = 1.5
 HEALTH_PATH = "/health"
+
+
+def database_failed_in_this_request() -> bool:
+    """Once PostgreSQL failed a request, its further queries (the refusal's usage row, say)
+    fail at once rather than each waiting out a connect or round-trip timeout again."""
+    return "database" in _request_state.failed
 
 
 class MalformedBody(BadRequest):
@@ -108,6 +115,10 @@ def dependency_unavailable(dependency: str) -> ServiceUnavailable:
 
 def log_fault(dependency: str, exc: BaseException, request: Any = None) -> None:
     """One line per failed request: what failed and which request, no traceback."""
+    _request_state.failed.add(dependency)
+    if dependency in _request_state.logged:
+        return  # already said for this request (say, by the view, then by its refusal log)
+    _request_state.logged.add(dependency)
     request = getattr(request, "_request", request)  # a DRF Request wraps Django's
     first_line = (str(exc).strip().splitlines() or [""])[0][:200]
     logger.warning(
@@ -196,6 +207,8 @@ class FaultMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        _request_state.failed = set()
+        _request_state.logged = set()
         if request.path_info != HEALTH_PATH:
             return self.get_response(request)
         if stopping():  # so that a proxy or orchestrator sees this worker leave
@@ -209,18 +222,16 @@ class FaultMiddleware:
 
 # --- Bounded round trips ------------------------------------------------------------------------
 
-_budget = threading.local()
-
 
 @contextmanager
 def request_budget(seconds: float) -> Iterator[None]:
     """Every database round trip of this thread ends by now + seconds, whatever its own bound."""
-    previous = getattr(_budget, "deadline", None)
-    _budget.deadline = time.monotonic() + seconds
+    previous = _request_state.deadline
+    _request_state.deadline = time.monotonic() + seconds
     try:
         yield
     finally:
-        _budget.deadline = previous
+        _request_state.deadline = previous
 
 
 class SocketWatchdog:
@@ -304,7 +315,7 @@ def bounded_round_trip(fd: int | None, seconds: float) -> Iterator[RoundTrip]:
         yield trip
         return
     deadline = time.monotonic() + seconds
-    budget = getattr(_budget, "deadline", None)
+    budget = _request_state.deadline
     if budget is not None:
         deadline = min(deadline, budget)
     token = WATCHDOG.arm(fd, deadline)

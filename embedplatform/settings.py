@@ -13,6 +13,8 @@ from pathlib import Path
 
 import environ
 
+from embedplatform.fault_state import FailFastRedisConnection
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -166,7 +168,11 @@ if REDIS_URL:
                 "CLIENT_CLASS": "django_redis.client.DefaultClient",
                 "SOCKET_CONNECT_TIMEOUT": REDIS_SOCKET_TIMEOUT,
                 "SOCKET_TIMEOUT": REDIS_SOCKET_TIMEOUT,
-                "CONNECTION_POOL_KWARGS": {"retry_on_timeout": False},
+                # No retries, and a request that saw Redis fail makes no more calls to it.
+                "CONNECTION_POOL_KWARGS": {
+                    "retry_on_timeout": False,
+                    "connection_class": FailFastRedisConnection,
+                },
             },
         }
     }

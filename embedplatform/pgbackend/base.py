@@ -16,13 +16,25 @@ from django.conf import settings
 from django.db.utils import OperationalError
 from django_prometheus.db.backends.postgresql import base
 
-from embedplatform.faults import bounded_round_trip
+from embedplatform.faults import bounded_round_trip, database_failed_in_this_request
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.execute_wrappers.append(self._bounded_execute)
+
+    # Once the database failed a request, its further queries (the refusal's usage row, say)
+    # fail at once instead of each waiting out a timeout again.
+    def ensure_connection(self) -> None:
+        if self.connection is None and database_failed_in_this_request():
+            raise OperationalError("The database already failed this request.")
+        super().ensure_connection()
+
+    def _cursor(self, name: Any = None) -> Any:
+        if database_failed_in_this_request():
+            raise OperationalError("The database already failed this request.")
+        return super()._cursor(name)
 
     def _round_trip(self) -> Any:
         fd = self.connection.fileno() if self.connection is not None else None
