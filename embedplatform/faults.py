@@ -139,7 +139,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Any:
     if dependency is not None:
         log_fault(dependency, exc, context.get("request"))
         exc = dependency_unavailable(dependency)
-    return api_exception_handler(exc, context)
+    response = api_exception_handler(exc, context)
+    if response.status_code == 503 and "Retry-After" not in response:
+        # Every 503 says when to come back (model overloaded, worker stopping, ...).
+        response["Retry-After"] = "1" if stopping() else str(RETRY_AFTER_SECONDS)
+    return response
 
 
 def fault_response(exc: BaseException, request: HttpRequest | None) -> HttpResponse | None:
@@ -165,10 +169,13 @@ def server_error(request: HttpRequest) -> HttpResponse:
 
 
 class QuietFaultsFilter(logging.Filter):
-    """A database or Redis failure is logged once, in one line, by log_fault: Django's own line
-    for it goes, and any other logger's keeps its message but loses the traceback."""
+    """A database or Redis failure is logged once, in one line, by log_fault: Django's own lines
+    for it (and for any deliberate 503) go, and any other logger's keeps its message but loses
+    the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "django.request" and getattr(record, "status_code", None) == 503:
+            return False  # a deliberate 503: its cause has its own line, the access log the rest
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or (dependency_of(exc) is None and not isinstance(exc, MalformedBody)):
             return True

@@ -9,9 +9,9 @@ opened after SIGTERM sat in the kernel's queue until the worker died (about grac
 and was then reset; and a request still waiting for the model when the graceful timeout ran out
 was cut without an answer or a usage row. Here:
 
-- on SIGTERM the worker closes its listening sockets at once: once the arbiter has closed its own
-  copy too, new connections are refused immediately (on a reload (HUP) or a recycled worker, the
-  other workers keep listening and take them);
+- on SIGTERM the worker takes the connections already queued for it, then closes its listening
+  sockets: once the arbiter has closed its own copy too, new connections are refused immediately
+  (on a reload (HUP), the other workers keep listening and take them);
 - the app learns the worker's deadline (`seconds_left`): waits for the model end
   SHUTDOWN_MARGIN_SECONDS before it (`wait_for_result`), and a request that starts then is
   refused at once (faults.StoppingThrottle), so each gets its 503 and its row in time;
@@ -79,6 +79,13 @@ class GracefulThreadWorker(ThreadWorker):  # type: ignore[misc,valid-type]
     def _stop_listening(self) -> None:
         self.set_accept_enabled(False)
         for listener in self.sockets:
+            # Connections the kernel already queued carry requests their clients sent: take
+            # them (to be answered like the rest) rather than let the close reset them.
+            while True:
+                before = self.nr_conns
+                self.accept(listener)  # non-blocking here; nothing queued: no change
+                if self.nr_conns == before:
+                    break
             listener.close()
 
     def handle_request(self, req: Any, conn: Any) -> Any:

@@ -23,6 +23,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.execute_wrappers.append(self._bounded_execute)
+        self._went_silent = False
 
     # Once the database failed a request, its further queries (the refusal's usage row, say)
     # fail at once instead of each waiting out a timeout again.
@@ -37,7 +38,10 @@ class DatabaseWrapper(base.DatabaseWrapper):
         return super()._cursor(name)
 
     def _round_trip(self) -> Any:
-        fd = self.connection.fileno() if self.connection is not None else None
+        try:
+            fd = self.connection.fileno() if self.connection is not None else None
+        except Exception:  # a lost connection has no socket; its use fails on its own
+            fd = None
         return bounded_round_trip(fd, settings.DATABASE_ROUND_TRIP_SECONDS)
 
     def _bounded_execute(
@@ -57,9 +61,17 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def is_usable(self) -> bool:
         with self._round_trip() as trip:
             usable = bool(super().is_usable())
-        if trip.tripped:
-            # The server is there but silent: reconnecting would only wait again, so this
-            # request fails now instead.
+        self._went_silent = trip.tripped
+        return usable and not trip.tripped
+
+    def close_if_health_check_failed(self) -> None:
+        """Django's pre-request check, except that a server that is there but silent fails the
+        request at once: reconnecting would only wait again."""
+        if self.connection is None or not self.health_check_enabled or self.health_check_done:
+            return
+        if not self.is_usable():
+            went_silent = self._went_silent
             self.close()
-            raise OperationalError("The database did not answer its health check in time.")
-        return usable
+            if went_silent:
+                raise OperationalError("The database did not answer its health check in time.")
+        self.health_check_done = True
