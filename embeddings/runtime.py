@@ -25,6 +25,7 @@ from django.conf import settings
 from embeddings.batching import Batcher
 from embedplatform import metrics
 from embedplatform.cpus import torch_threads_per_worker
+from embedplatform.shutdown import wait_for_result
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +460,7 @@ class Runtime:
             max_texts_in_flight=max_texts_in_flight,
         )
         try:
-            return future.result(timeout=settings.ENCODE_TIMEOUT_SECONDS)
+            return wait_for_result(future, settings.ENCODE_TIMEOUT_SECONDS)
         except FutureTimeout:
             future.cancel()  # the batcher skips what nobody waits for any more
             raise

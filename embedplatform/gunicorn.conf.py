@@ -15,21 +15,18 @@ Every value comes from the environment, with defaults that fit the machine:
 "Cores" honours a container's CPU limit (cgroup quota, e.g. compose's `cpus: '2.0'`), which the
 affinity mask does not show: on a 64-core host a 2-CPU container must not start 32 workers.
 
-On SIGTERM gunicorn stops accepting, lets the requests in flight finish (at most
-GUNICORN_GRACEFUL_TIMEOUT seconds), then exits 0. Every log line, access lines included, is JSON.
+On SIGTERM a worker closes its listening sockets (new connections are refused at once), finishes
+what it accepted or refuses it with a 503 before GUNICORN_GRACEFUL_TIMEOUT seconds run out, then
+exits 0 (embedplatform/shutdown.py). Every log line, access lines included, is JSON.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from gunicorn.glogging import Logger
 
 # The project root, so `embedplatform` imports whatever directory gunicorn was started from.
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +36,6 @@ if str(ROOT) not in sys.path:
 import environ  # noqa: E402
 
 from embedplatform.cpus import available_cores, torch_threads_per_worker  # noqa: E402
-from embedplatform.jsonlog import JsonFormatter  # noqa: E402
 
 # The same .env the Django settings read, so WEB_CONCURRENCY and friends can live there too.
 _env_file = Path(os.environ.get("ENV_FILE") or ROOT / ".env")
@@ -57,7 +53,8 @@ MAX_DEFAULT_WORKERS = 4
 
 bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{os.environ.get('PORT') or '8000'}"
 workers = max(1, _env_int("WEB_CONCURRENCY", min(cores, MAX_DEFAULT_WORKERS)))
-worker_class = "gthread"
+# gunicorn's gthread worker, leaving cleanly on SIGTERM (embedplatform/shutdown.py).
+worker_class = "embedplatform.shutdown.GracefulThreadWorker"
 threads = max(1, _env_int("GUNICORN_THREADS", 32))
 # A worker that has not checked in for this long is killed and replaced. Model loading happens
 # before the first check-in, so the container entrypoint downloads the model beforehand.
@@ -65,6 +62,17 @@ timeout = _env_int("GUNICORN_TIMEOUT", 120)
 # How long a stopping worker may take to finish its requests in flight.
 graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _env_int("GUNICORN_KEEPALIVE", 5)
+# Replace a worker after this many requests (plus jitter, so they do not all go at once): memory
+# that fragmentation leaves behind is returned. The worker leaves as on SIGTERM, finishing what
+# it accepted while the others (and its replacement) take new connections.
+max_requests = _env_int("GUNICORN_MAX_REQUESTS", 2000)
+max_requests_jitter = _env_int("GUNICORN_MAX_REQUESTS_JITTER", 200)
+# What one request may send before the app sees it; the body limit is Django's
+# DATA_UPLOAD_MAX_MEMORY_SIZE (413), and a stalled socket read or write is dropped after
+# GUNICORN_CLIENT_TIMEOUT seconds (embedplatform/shutdown.py).
+limit_request_line = _env_int("GUNICORN_LIMIT_REQUEST_LINE", 4094)
+limit_request_field_size = _env_int("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", 8190)
+limit_request_fields = _env_int("GUNICORN_LIMIT_REQUEST_FIELDS", 100)
 wsgi_app = "embedplatform.wsgi:application"
 chdir = str(ROOT)
 preload_app = False
@@ -95,44 +103,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
-class JsonLogger(Logger):
-    """gunicorn's logger with one JSON object per line: its own messages through the project's
-    JsonFormatter, and access lines built field by field (so a quote in a path or user agent
-    cannot break the line). Request headers are never logged, Authorization least of all."""
-
-    def setup(self, cfg: Any) -> None:
-        super().setup(cfg)
-        for handler in self.error_log.handlers:
-            handler.setFormatter(JsonFormatter())
-
-    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
-        if not self.access_log_enabled:
-            return
-        response_headers = {str(k).lower(): str(v) for k, v in (resp.headers or [])}
-        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
-        line = {
-            "time": datetime.now(tz=UTC).isoformat(),
-            "level": "info",
-            "logger": "gunicorn.access",
-            "event": "access",
-            "remote": environ.get("REMOTE_ADDR", ""),
-            "method": environ.get("REQUEST_METHOD", ""),
-            # The path only: a query string may carry something secret.
-            "path": environ.get("PATH_INFO", ""),
-            "status": int(status) if str(status).isdigit() else status,
-            "bytes": getattr(resp, "sent", None),
-            "duration_ms": round(request_time.total_seconds() * 1000, 2),
-            "request_id": response_headers.get("x-request-id", ""),
-            "user_agent": environ.get("HTTP_USER_AGENT", ""),
-            "pid": os.getpid(),
-        }
-        try:
-            self.access_log.info(json.dumps(line, ensure_ascii=False, default=str))
-        except Exception:
-            self.exception("access_log_failed")
-
-
-logger_class = JsonLogger
+# One JSON object per line, access lines included, each carrying the request id.
+logger_class = "embedplatform.logs.GunicornJsonLogger"
 # Unset: stdout. Set but empty: no access log (gunicorn needs None for that, not "").
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
 errorlog = "-"
@@ -154,6 +126,9 @@ def on_starting(server: Any) -> None:
             "cores": cores,
             "timeout": timeout,
             "graceful_timeout": graceful_timeout,
+            "keepalive": keepalive,
+            "max_requests": max_requests,
+            "max_requests_jitter": max_requests_jitter,
         },
     )
 

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 from embedplatform.errors import api_error_response, request_too_large
+from embedplatform.faults import MalformedBody, malformed_body
 
 # Accept a caller's id only when it is short and plain, so it is safe to log and to echo back.
 _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -54,7 +55,8 @@ class ProbeHostMiddleware:
 
 class ChunkedBodyMiddleware:
     """Gives a chunked request body (no Content-Length) a length, as DRF reads a body without
-    one as empty: the body is read up to DATA_UPLOAD_MAX_MEMORY_SIZE (more is a 413)."""
+    one as empty: the body is read up to DATA_UPLOAD_MAX_MEMORY_SIZE (more is a 413), on every
+    path, so a malformed or truncated one is a 400 wherever it was sent."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -65,7 +67,10 @@ class ChunkedBodyMiddleware:
             "CONTENT_LENGTH"
         ):
             limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-            body = meta["wsgi.input"].read(limit + 1)
+            try:
+                body = meta["wsgi.input"].read(limit + 1)
+            except MalformedBody:
+                return api_error_response(malformed_body())
             if len(body) > limit:
                 return api_error_response(request_too_large())
             meta["CONTENT_LENGTH"] = str(len(body))

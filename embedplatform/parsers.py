@@ -2,7 +2,8 @@
 
 DRF's own parser reads the WSGI stream directly, which bypasses Django's
 DATA_UPLOAD_MAX_MEMORY_SIZE check; this one enforces it (413) on what it reads, whatever the
-Content-Length said (a chunked body gets its length from ChunkedBodyMiddleware).
+Content-Length said (a chunked body gets its length from ChunkedBodyMiddleware); a body the client
+broke (embedplatform.wsgi) is a 400 `malformed_body`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
 from embedplatform.errors import request_too_large
+from embedplatform.faults import MalformedBody, malformed_body
 
 
 def _reject_constant(name: str) -> None:
@@ -24,7 +26,10 @@ def _reject_constant(name: str) -> None:
 class BoundedJSONParser(JSONParser):
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-        raw = stream.read(limit + 1) if stream is not None else b""
+        try:
+            raw = stream.read(limit + 1) if stream is not None else b""
+        except MalformedBody as exc:
+            raise malformed_body() from exc
         if len(raw) > limit:
             raise request_too_large()
         try:

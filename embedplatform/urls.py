@@ -16,4 +16,4 @@ urlpatterns = [
 handler400 = "embedplatform.errors.bad_request"
 handler403 = "embedplatform.errors.permission_denied"
 handler404 = "embedplatform.errors.page_not_found"
-handler500 = "embedplatform.errors.server_error"
+handler500 = "embedplatform.faults.server_error"

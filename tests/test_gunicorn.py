@@ -62,7 +62,7 @@ print(json.dumps({{
 
 def test_it_defaults_to_one_worker_per_core_up_to_four_sharing_the_cores_for_torch() -> None:
     conf = load_conf({})
-    assert conf["worker_class"] == "gthread"
+    assert conf["worker_class"] == "embedplatform.shutdown.GracefulThreadWorker"
     assert conf["workers"] == min(CORES, 4)
     assert conf["threads"] == 32
     assert conf["torch_threads"] == max(1, CORES // conf["workers"])

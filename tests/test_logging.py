@@ -186,9 +186,6 @@ def service_without_redis(tmp_path: Path) -> Iterator[Service]:
             "MODEL_QUANTIZATION": "fp32",
             "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
             "RATE_LIMIT_FAIL_OPEN": "false",
-            # Until gunicorn.conf.py names it as its logger_class, the server's own setting wins
-            # over the configuration file; afterwards this is a no-op.
-            "GUNICORN_CMD_ARGS": "--logger-class embedplatform.logs.GunicornJsonLogger",
         },
         wait=False,
     )

@@ -1,0 +1,1 @@
+"""PostgreSQL whose round trips cannot outlive their deadline (see embedplatform.faults)."""
