@@ -132,10 +132,16 @@ def _backend_failed(exc: CacheUnavailable) -> None:
 def _refuse(state: RateLimitState, message: str) -> RateLimitExceeded:
     metrics.RATE_LIMITED.inc()
     retry_after = state.seconds_to_reset()
+    # The openai client prefers retry-after-ms: to the millisecond, still never early.
+    retry_after_ms = max(1, math.ceil((state.window_end + 1 - time.time()) * 1000))
     return RateLimitExceeded(
         message.format(retry_after=retry_after),
         code="rate_limit_exceeded",
-        headers={**state.headers(), "Retry-After": str(retry_after)},
+        headers={
+            **state.headers(),
+            "Retry-After": str(retry_after),
+            "retry-after-ms": str(retry_after_ms),
+        },
     )
 
 

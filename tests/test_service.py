@@ -16,7 +16,8 @@ import openai
 import pytest
 import requests
 
-from accounts.models import UsageLog
+from accounts import services
+from accounts.models import Tenant, UsageLog
 from tests.conftest import Person
 from tests.service import Service, start_service
 
@@ -284,3 +285,34 @@ def test_it_refuses_a_chunked_body_over_the_limit(minilm_service: Service, alice
     response = minilm_service.post("/embed", data=chunks(), headers=headers)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+
+
+def tenant_whose_window_ends_in(low: float, high: float) -> Tenant:
+    """A new tenant whose requests-per-minute window ends `low` to `high` seconds from now (each
+    tenant's window has a jitter of its own), so a test can wait for it."""
+    from accounts.ratelimit import window_end
+
+    for number in range(500):
+        tenant = services.create_tenant(name=f"window {number}")
+        left = window_end(f"tenant:{tenant.pk}") + 1 - time.time()
+        if low <= left <= high:
+            return tenant
+    raise AssertionError("no tenant's window ends soon enough")
+
+
+def test_it_serves_the_openai_clients_first_retry_after_a_rate_limit(
+    minilm_service: Service,
+) -> None:
+    """The client waits what retry-after-ms / Retry-After says, once (max_retries=1): that is
+    enough, because they are never early."""
+    tenant = tenant_whose_window_ends_in(2.0, 5.0)
+    Tenant.objects.filter(pk=tenant.pk).update(requests_per_minute=1)
+    _, key = services.create_api_key(tenant=tenant, name="retry")
+    client = openai.OpenAI(base_url=f"{minilm_service.url}/v1", api_key=key, max_retries=1)
+    client.embeddings.create(model="all-MiniLM-L6-v2", input="first")
+    started = time.monotonic()
+    response = client.embeddings.with_raw_response.create(model="all-MiniLM-L6-v2", input="second")
+    assert len(response.parse().data) == 1
+    assert time.monotonic() - started < 7
+    rows = list(UsageLog.objects.filter(tenant=tenant).order_by("pk").values_list("status_code"))
+    assert rows == [(200,), (429,), (200,)]
