@@ -14,7 +14,7 @@ from django_redis import get_redis_connection
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers
 from rest_framework.permissions import AllowAny, IsAuthenticated
-from rest_framework.renderers import JSONRenderer
+from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 from accounts.metering.views import MeteredAPIView
 from accounts.permissions import HasActiveTenant
 from embeddings import serializers as io
+from embeddings.renderers import VectorJSONRenderer
 from embeddings.runtime import accepted_model_names, get_runtime
 from embeddings.services import (
     EmbeddingResult,
@@ -52,6 +53,7 @@ class MeteredEmbedView(BrowsableForm, MeteredAPIView):
 
     texts_param = "texts"
     permission_classes = [IsAuthenticated, HasActiveTenant]
+    renderer_classes = [VectorJSONRenderer, BrowsableAPIRenderer]
     serializer_class: type[serializers.Serializer]
 
     def served_model(self) -> str:
@@ -98,7 +100,7 @@ class EmbedView(MeteredEmbedView):
 
     def render(self, result: EmbeddingResult, data: dict[str, Any]) -> dict[str, Any]:
         return {
-            "embedding": result.vectors[0].tolist(),
+            "embedding": result.vectors[0],
             "model": result.model,
             "dimensions": result.dimensions,
             "usage": usage_of(result),
@@ -117,7 +119,7 @@ class BatchEmbedView(MeteredEmbedView):
 
     def render(self, result: EmbeddingResult, data: dict[str, Any]) -> dict[str, Any]:
         return {
-            "embeddings": result.vectors.tolist(),
+            "embeddings": result.vectors,
             "model": result.model,
             "dimensions": result.dimensions,
             "usage": usage_of(result),
@@ -152,7 +154,7 @@ class OpenAIEmbeddingsView(MeteredEmbedView):
             {
                 "object": "embedding",
                 "index": index,
-                "embedding": encode_base64(vector) if as_base64 else vector.tolist(),
+                "embedding": encode_base64(vector) if as_base64 else vector,
             }
             for index, vector in enumerate(result.vectors)
         ]
