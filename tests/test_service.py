@@ -316,3 +316,61 @@ def test_it_serves_the_openai_clients_first_retry_after_a_rate_limit(
     assert time.monotonic() - started < 7
     rows = list(UsageLog.objects.filter(tenant=tenant).order_by("pk").values_list("status_code"))
     assert rows == [(200,), (429,), (200,)]
+
+
+def test_it_serves_16_concurrent_clients_on_the_embedded_sqlite_default(
+    django_db_setup: None, tmp_path: Path
+) -> None:
+    """The quick start's database under load: no "database is locked", every request charged
+    and logged exactly once, WAL on."""
+    import sqlite3
+    import subprocess
+    import sys
+    import uuid
+
+    from accounts.jwt import mint_token
+    from tests.service import ROOT
+
+    database = tmp_path / "db.sqlite3"
+    env = {"DATABASE_URL": f"sqlite:///{database}", "REDIS_URL": ""}
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
+        cwd=ROOT,
+        env={**os.environ, **env, "DJANGO_SETTINGS_MODULE": "embedplatform.settings"},
+        check=True,
+        timeout=300,
+    )
+    service = start_service(
+        tmp_path, env={**env, "MODEL_QUANTIZATION": "fp32"}, workers=2, ready_timeout=300
+    )
+    try:
+        # Four users, four first requests each at once: provisioning races on SQLite too.
+        tokens = [
+            mint_token(subject=str(uuid.uuid4()), email=f"u{n}@example.com") for n in range(4)
+        ]
+
+        def client(number: int) -> list[int]:
+            session = requests.Session()
+            headers = {"Authorization": f"Bearer {tokens[number % 4]}"}
+            return [
+                session.post(
+                    f"{service.url}/embed", json={"text": f"query {number} {i}"}, headers=headers
+                ).status_code
+                for i in range(6)
+            ]
+
+        with ThreadPoolExecutor(16) as pool:
+            statuses = [status for batch in pool.map(client, range(16)) for status in batch]
+    finally:
+        service.stop()
+    assert statuses == [200] * 96
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        rows, logged = connection.execute(
+            "SELECT COUNT(*), SUM(tokens) FROM accounts_usagelog WHERE status_code = 200"
+        ).fetchone()
+        (charged,) = connection.execute("SELECT SUM(tokens) FROM accounts_quotaperiod").fetchone()
+        (tenants,) = connection.execute("SELECT COUNT(*) FROM accounts_tenant").fetchone()
+    assert rows == 96
+    assert logged == charged > 0
+    assert tenants == 4
