@@ -247,7 +247,7 @@ def start_bare(env: dict[str, str], workers: int = 2) -> tuple[subprocess.Popen[
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 900  # a busy machine loads models slowly
     while time.monotonic() < deadline:
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -354,15 +354,24 @@ def main() -> None:
     dtype = next(iter(ceilings.values()))["dtype"]
 
     token = prepare_tenant()
-    from tests.service import start_service
+    from tests.service import start_service, wait_until_healthy
 
     def run_service(model: str, quantization: str) -> Any:
         env = {"MODEL_NAME": model, "MODEL_QUANTIZATION": quantization}
         if args.database == "sqlite":
             env["REDIS_URL"] = ""
-        return start_service(
-            Path(tempfile.mkdtemp(prefix="bench-service-")), env=env, workers=args.workers
+        service = start_service(
+            Path(tempfile.mkdtemp(prefix="bench-service-")),
+            env=env,
+            workers=args.workers,
+            wait=False,
         )
+        try:
+            wait_until_healthy(service, timeout=900)  # a busy machine loads models slowly
+        except BaseException:
+            service.stop()
+            raise
+        return service
 
     def one_text(url: str, workload: str, clients: int, seconds: float) -> dict[str, Any]:
         return load(

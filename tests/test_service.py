@@ -19,7 +19,7 @@ import requests
 from accounts import services
 from accounts.models import Tenant, UsageLog
 from tests.conftest import Person
-from tests.service import Service, start_service
+from tests.service import Service, start_service, wait_until_healthy
 
 pytestmark = [pytest.mark.service, pytest.mark.django_db(transaction=True)]
 
@@ -341,9 +341,10 @@ def test_it_serves_16_concurrent_clients_on_the_embedded_sqlite_default(
         timeout=300,
     )
     service = start_service(
-        tmp_path, env={**env, "MODEL_QUANTIZATION": "fp32"}, workers=2, ready_timeout=300
+        tmp_path, env={**env, "MODEL_QUANTIZATION": "fp32"}, workers=2, wait=False
     )
     try:
+        wait_until_healthy(service, timeout=300)
         # Four users, four first requests each at once: provisioning races on SQLite too.
         tokens = [
             mint_token(subject=str(uuid.uuid4()), email=f"u{n}@example.com") for n in range(4)
