@@ -17,11 +17,66 @@ from rest_framework.request import Request
 
 from accounts import services
 from accounts.jwt import MAX_TOKEN_LENGTH, verify_supabase_token
-from accounts.permissions import requested_tenant
-from accounts.selectors import supabase_membership
+from accounts.selectors import membership_for, supabase_membership, tenant_id_from
 from accounts.services import Caller
 
 WWW_AUTHENTICATE = 'Bearer realm="api"'
+TENANT_HEADER = "HTTP_X_TENANT"
+
+
+def requested_tenant(request: Request) -> str | None:
+    """What the X-Tenant header asks for, if anything."""
+    return request.META.get(TENANT_HEADER, "").strip() or None
+
+
+def has_control_characters(value: str) -> bool:
+    # NUL cannot be stored by PostgreSQL at all; no control character belongs in a tenant ref.
+    return any(ord(char) < 32 or ord(char) == 127 for char in value)
+
+
+def with_tenant(caller: Caller, request: Request) -> Caller:
+    """Decides the tenant a request acts for, once, as part of authentication: an API key's own
+    tenant; for a user, the tenant named by `X-Tenant` (its id) when the user is a member of it,
+    else the user's default tenant. An X-Tenant the caller may not act for becomes
+    `caller.refusal` (403), raised by the permission check."""
+    requested = requested_tenant(request)
+    if caller.api_key is not None:
+        caller.tenant = caller.api_key.tenant
+    if requested is not None and has_control_characters(requested):
+        # Refused before it reaches any query: no tenant id holds one (PostgreSQL cannot even
+        # store NUL).
+        caller.refusal = exceptions.PermissionDenied(
+            "The X-Tenant header holds control characters; it takes the id of a tenant you "
+            "belong to.",
+            code="invalid_tenant",
+        )
+        return caller
+    if caller.api_key is not None:
+        # Read as a user's X-Tenant is ("007" is tenant 7), so both kinds of caller agree.
+        if requested and tenant_id_from(requested) != caller.api_key.tenant_id:
+            caller.refusal = exceptions.PermissionDenied(
+                "An API key acts only for its own tenant; drop the X-Tenant header or send its "
+                "tenant's id.",
+                code="tenant_mismatch",
+            )
+        return caller
+    if caller.tenant is not None:
+        return caller  # found with the user (supabase_membership)
+    user = caller.user
+    assert user is not None, "authentication gives every caller without an API key its user"
+    membership = membership_for(user=user, tenant_ref=requested)
+    if membership is not None:
+        caller.tenant = membership.tenant
+    elif requested:
+        caller.refusal = exceptions.PermissionDenied(
+            f"You are not a member of tenant {requested[:40]!r} (X-Tenant takes the id of a "
+            "tenant you belong to).",
+            code="not_a_member",
+        )
+    else:
+        # A user with no membership at all (an admin removed it): a personal tenant again.
+        caller.tenant = services.ensure_personal_tenant(user=user)
+    return caller
 
 
 def bearer_credential(request: Request) -> str | None:
@@ -108,7 +163,7 @@ class ApiKeyAuthentication(BearerAuthentication):
                 "This API key has expired.", code="expired_api_key"
             )
         services.touch_api_key(api_key=api_key)
-        return ApiKeyUser(api_key), Caller(user=None, api_key=api_key, tenant=api_key.tenant)
+        return ApiKeyUser(api_key), with_tenant(Caller(user=None, api_key=api_key), request)
 
 
 class SupabaseJWTAuthentication(BearerAuthentication):
@@ -118,7 +173,7 @@ class SupabaseJWTAuthentication(BearerAuthentication):
             return None
         claims = verify_supabase_token(raw)
         # A known user's membership comes with the user in one query; the tenant is then
-        # resolved already. Otherwise: a new user (created here), or a case for resolve_tenant.
+        # resolved already. Otherwise: a new user (created here), or a case for with_tenant.
         membership = supabase_membership(
             subject=claims.subject, tenant_ref=requested_tenant(request)
         )
@@ -131,7 +186,7 @@ class SupabaseJWTAuthentication(BearerAuthentication):
             caller = Caller(user=user)
         if not user.is_active:
             raise exceptions.AuthenticationFailed("This user is disabled.", code="user_inactive")
-        return user, caller
+        return user, with_tenant(caller, request)
 
 
 class TenantSessionAuthentication(authentication.SessionAuthentication):
@@ -144,4 +199,4 @@ class TenantSessionAuthentication(authentication.SessionAuthentication):
         if user is None or not user.is_active or not user.is_staff:
             return None
         self.enforce_csrf(request)
-        return user, Caller(user=user)
+        return user, with_tenant(Caller(user=user), request)

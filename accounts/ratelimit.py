@@ -1,29 +1,36 @@
-"""Per-tenant requests-per-minute and tokens-per-minute limits in the shared cache (Redis).
+"""Per-tenant requests-per-minute and tokens-per-minute windows in the shared cache (Redis).
 
-Two steps, both before the model runs:
+Two counts, both before the model runs:
 
 1. `count_request`, right after authentication: the request counts against requests per minute
-   (with django-ratelimit), whatever becomes of it later, so that even a stream of invalid
-   requests meets the limit; from here on every response carries the x-ratelimit-* headers.
-2. `consume_tokens`, once the texts are tokenized: their tokens count against tokens per minute,
-   in the same fixed windows, by adding the token count instead of one.
+   (django-ratelimit's public `get_usage`), whatever becomes of it later, so that even a stream
+   of invalid requests meets the limit; from here on every response carries the x-ratelimit-*
+   headers.
+2. `consume_tokens`, once the texts are tokenized: their tokens count against tokens per minute
+   in a window that ends when the requests window does (one INCRBY in the common case).
 
-A request refused after step 2 (quota, a failed model) gets its tokens back with `refund_tokens`.
+A request refused after step 2 (quota, a failed model) gets its tokens back (`refund_tokens`).
+
+Timing is never early. django-ratelimit's window named by its end second `w` still counts
+requests made during second `w` itself, so it really ends at `w + 1`; Retry-After and the reset
+headers are the seconds until then, rounded up, so a client that waits exactly that long is
+served (the openai client's first retry, for one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
+import zlib
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.cache import caches
-from django_ratelimit.core import _get_window, _make_cache_key, get_usage
+from django_ratelimit.core import get_usage
 from rest_framework.request import Request
 
-from accounts.models import Tenant
 from accounts.selectors import Limits
 from embedplatform import metrics
 from embedplatform.errors import RateLimitExceeded, ServiceUnavailable
@@ -33,7 +40,7 @@ logger = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
 EXPIRATION_FUDGE = 5
 REQUESTS_GROUP = "embed-requests"
-TOKENS_GROUP = "embed-tokens"
+TOKENS_KEY_PREFIX = "rl:embed-tokens"
 
 
 class CacheUnavailable(Exception):
@@ -46,37 +53,38 @@ class RateLimitState:
 
     limit_requests: int
     remaining_requests: int
-    reset_requests_seconds: int
     limit_tokens: int
     # None until known: the served path learns it from its own charge (`consume_tokens`), so
     # only a request refused before that reads the counter (`with_remaining_tokens`).
     remaining_tokens: int | None
-    reset_tokens_seconds: int
+    # The second (epoch) the current windows end in; they end for real a second later.
+    window_end: int
     # The token window this request charged, and how much, so a refund hits exactly that.
     tokens_key: str
     tokens_charged: int = 0
 
+    def seconds_to_reset(self) -> int:
+        """Whole seconds until the next window begins, rounded up: never early."""
+        return max(1, math.ceil(self.window_end + 1 - time.time()))
+
     def headers(self) -> dict[str, str]:
+        reset = f"{self.seconds_to_reset()}s"
         return {
             "x-ratelimit-limit-requests": str(self.limit_requests),
             "x-ratelimit-remaining-requests": str(max(0, self.remaining_requests)),
-            "x-ratelimit-reset-requests": f"{max(0, self.reset_requests_seconds)}s",
+            "x-ratelimit-reset-requests": reset,
             "x-ratelimit-limit-tokens": str(self.limit_tokens),
             "x-ratelimit-remaining-tokens": str(max(0, self.remaining_tokens or 0)),  # set by now
-            "x-ratelimit-reset-tokens": f"{max(0, self.reset_tokens_seconds)}s",
+            "x-ratelimit-reset-tokens": reset,
         }
 
 
-def _tenant_key(tenant: Tenant) -> str:
-    return f"tenant:{tenant.pk}"
-
-
-def _tokens_key(tenant_key: str, limit: int) -> tuple[str, int]:
-    """The cache key of the current tokens window and the seconds until it resets: the jittered
-    window django-ratelimit gives the requests counter, so both reset together."""
-    window = _get_window(tenant_key, WINDOW_SECONDS)
-    rate = f"{limit}/{WINDOW_SECONDS}s"
-    return _make_cache_key(TOKENS_GROUP, window, rate, tenant_key, None), window - int(time.time())
+def window_end(value: str, *, now: float | None = None) -> int:
+    """The end second of the current window for `value`, as django-ratelimit places it: fixed
+    windows, each key's shifted by a jitter of its own so that not every tenant resets at once."""
+    ts = int(time.time() if now is None else now)
+    end = ts - ts % WINDOW_SECONDS + zlib.crc32(value.encode()) % WINDOW_SECONDS
+    return end + WINDOW_SECONDS if end < ts else end
 
 
 def _tokens_used(key: str) -> int:
@@ -121,23 +129,29 @@ def _backend_failed(exc: CacheUnavailable) -> None:
         ) from exc
 
 
-def _refuse(state: RateLimitState, message: str, retry_after: int) -> RateLimitExceeded:
+def _refuse(state: RateLimitState, message: str) -> RateLimitExceeded:
     metrics.RATE_LIMITED.inc()
-    retry_after = max(1, retry_after)
+    retry_after = state.seconds_to_reset()
+    # The openai client prefers retry-after-ms: to the millisecond, still never early.
+    retry_after_ms = max(1, math.ceil((state.window_end + 1 - time.time()) * 1000))
     return RateLimitExceeded(
         message.format(retry_after=retry_after),
         code="rate_limit_exceeded",
-        headers={**state.headers(), "Retry-After": str(retry_after)},
+        headers={
+            **state.headers(),
+            "Retry-After": str(retry_after),
+            "retry-after-ms": str(retry_after_ms),
+        },
     )
 
 
-def count_request(*, request: Request, tenant: Tenant, limits: Limits) -> RateLimitState | None:
+def count_request(*, request: Request, tenant_id: int, limits: Limits) -> RateLimitState | None:
     """Step 1: counts this request against the tenant's requests per minute.
 
     Raises RateLimitExceeded (429 with Retry-After) when the minute's requests are spent. When
     the cache is unreachable the outage is counted and logged, and the request goes on without
     limits (None) or is refused with 503, as RATE_LIMIT_FAIL_OPEN says."""
-    tenant_key = _tenant_key(tenant)
+    tenant_key = f"tenant:{tenant_id}"
     try:
         try:
             usage = get_usage(
@@ -151,25 +165,24 @@ def count_request(*, request: Request, tenant: Tenant, limits: Limits) -> RateLi
             raise CacheUnavailable(str(exc)) from exc
         if usage is None or usage.get("time_left", 0) < 0:
             raise CacheUnavailable("the rate-limit cache did not answer")
-        tokens_key, reset_tokens = _tokens_key(tenant_key, limits.tokens_per_minute)
     except CacheUnavailable as exc:
         _backend_failed(exc)
         return None
+    end = window_end(tenant_key)
+    count = int(usage["count"])
     state = RateLimitState(
         limit_requests=limits.requests_per_minute,
-        remaining_requests=limits.requests_per_minute - int(usage["count"]),
-        reset_requests_seconds=int(usage["time_left"]),
+        remaining_requests=limits.requests_per_minute - count,
         limit_tokens=limits.tokens_per_minute,
         remaining_tokens=None,
-        reset_tokens_seconds=reset_tokens,
-        tokens_key=tokens_key,
+        window_end=end,
+        tokens_key=f"{TOKENS_KEY_PREFIX}:{tenant_key}:{limits.tokens_per_minute}:{end}",
     )
-    if int(usage["count"]) > limits.requests_per_minute:
+    if count > limits.requests_per_minute:
         raise _refuse(
             with_remaining_tokens(state),
             f"Rate limit of {limits.requests_per_minute} requests per minute reached; "
             "retry in {retry_after} s.",
-            state.reset_requests_seconds,
         )
     return state
 
@@ -198,16 +211,16 @@ def consume_tokens(*, state: RateLimitState | None, tokens: int) -> None:
         _take_back(state.tokens_key, tokens)  # nothing of a refused request counts
         state.remaining_tokens = state.limit_tokens - (used - tokens)
         if tokens > state.limit_tokens:
-            message = (
+            raise _refuse(
+                state,
                 f"This request has {tokens} tokens, more than the tenant's limit of "
-                f"{state.limit_tokens} tokens per minute; send fewer texts at once."
+                f"{state.limit_tokens} tokens per minute; send fewer texts at once.",
             )
-        else:
-            message = (
-                f"Rate limit of {state.limit_tokens} tokens per minute reached; "
-                "retry in {retry_after} s."
-            )
-        raise _refuse(state, message, state.reset_tokens_seconds)
+        raise _refuse(
+            state,
+            f"Rate limit of {state.limit_tokens} tokens per minute reached; "
+            "retry in {retry_after} s.",
+        )
     state.tokens_charged = tokens
     state.remaining_tokens = state.limit_tokens - used
 

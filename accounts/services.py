@@ -1,4 +1,4 @@
-"""Business operations on tenants, users, keys, quotas and the usage log."""
+"""Business operations on tenants, users and keys (quotas and the usage log: accounts/metering)."""
 
 from __future__ import annotations
 
@@ -6,45 +6,34 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
-from dataclasses import dataclass, replace
-from datetime import date, datetime
+from dataclasses import dataclass
+from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, connection, transaction
-from django.db.models import F
+from django.db import IntegrityError, transaction
 from django.utils import timezone
+from rest_framework.exceptions import PermissionDenied
 
 from accounts.credential_cache import remembered
-from accounts.models import (
-    ApiKey,
-    Membership,
-    Plan,
-    QuotaPeriod,
-    SupabaseIdentity,
-    Tenant,
-    UsageLog,
-)
-from accounts.selectors import (
-    api_key_by_prefix,
-    current_period_start,
-    effective_limits,
-    period_use,
-)
-from embedplatform.errors import QuotaExceeded
+from accounts.models import ApiKey, Membership, Plan, SupabaseIdentity, Tenant
+from accounts.selectors import api_key_by_prefix
 
 User = get_user_model()
 
 
 @dataclass
 class Caller:
-    """Who is calling and for which tenant; DRF keeps it in `request.auth`."""
+    """Who is calling and for which tenant; DRF keeps it in `request.auth`. Authentication
+    decides the tenant; when the caller may not act for the tenant it asked for, `refusal` says
+    why and the permission check raises it (so the refused request is still logged as the
+    caller's)."""
 
     user: AbstractBaseUser | None
     api_key: ApiKey | None = None
     tenant: Tenant | None = None
+    refusal: PermissionDenied | None = None
 
     @property
     def user_id(self) -> int | None:
@@ -266,170 +255,3 @@ def revoke_api_key(*, api_key: ApiKey) -> ApiKey:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
     return api_key
-
-
-# --- Quota and usage ---------------------------------------------------------------------------
-
-
-# What this process last saw charged to each tenant: (month, tokens, when). The pre-check may
-# trust it for QUOTA_PRECHECK_CACHE_SECONDS while the tenant is far from its quota (other
-# workers may have charged meanwhile, hence the headroom); near the quota it asks the database.
-# Nothing can overspend either way: the charge itself is the atomic check.
-_seen_spent: dict[int, tuple[date, int, float]] = {}
-_PRECHECK_HEADROOM = 0.1
-
-
-def _saw_spent(*, tenant_id: int, period_start: date, tokens: int) -> None:
-    _seen_spent[tenant_id] = (period_start, tokens, time.monotonic())
-
-
-def check_quota(*, tenant: Tenant, tokens: int) -> None:
-    """Refuses, before the model runs, a request that cannot fit in this month's quota. The
-    authoritative check happens again when charging, atomically."""
-    quota = effective_limits(tenant).monthly_token_quota
-    period_start = current_period_start()
-    seen = _seen_spent.get(tenant.pk)
-    if (
-        seen is not None
-        and seen[0] == period_start
-        and time.monotonic() - seen[2] < settings.QUOTA_PRECHECK_CACHE_SECONDS
-        and seen[1] + tokens <= quota * (1 - _PRECHECK_HEADROOM)
-    ):
-        return
-    spent = period_use(tenant=tenant, period_start=period_start).tokens
-    _saw_spent(tenant_id=tenant.pk, period_start=period_start, tokens=spent)
-    if spent + tokens > quota:
-        raise _quota_exceeded(quota=quota, spent=spent, tokens=tokens)
-
-
-def _quota_exceeded(*, quota: int, spent: int, tokens: int) -> QuotaExceeded:
-    remaining = max(0, quota - spent)
-    return QuotaExceeded(
-        f"This request needs {tokens} tokens but only {remaining} of the tenant's monthly quota "
-        f"of {quota} remain.",
-        code="insufficient_quota",
-    )
-
-
-@dataclass(frozen=True)
-class UsageRecord:
-    caller: Caller
-    endpoint: str
-    model: str
-    inputs: int
-    tokens: int
-    status_code: int
-    latency_ms: float
-    request_id: str
-    error_type: str = ""
-
-
-def _log(record: UsageRecord) -> UsageLog:
-    return UsageLog.objects.create(
-        tenant=record.caller.tenant,
-        user_id=record.caller.user_id,
-        api_key=record.caller.api_key,
-        endpoint=record.endpoint,
-        model=record.model,
-        inputs=record.inputs,
-        tokens=record.tokens,
-        status_code=record.status_code,
-        error_type=record.error_type,
-        latency_ms=record.latency_ms,
-        request_id=record.request_id,
-    )
-
-
-# The common case on PostgreSQL in one statement, so one round trip: the conditional charge, and
-# the usage row only if the charge happened. A statement is atomic on its own.
-_CHARGE_AND_LOG_SQL = f"""
-WITH charged AS (
-    UPDATE {QuotaPeriod._meta.db_table}
-       SET tokens = tokens + %(tokens)s, requests = requests + 1
-     WHERE tenant_id = %(tenant_id)s AND period_start = %(period_start)s AND tokens <= %(room)s
- RETURNING tokens
-), logged AS (
-    INSERT INTO {UsageLog._meta.db_table}
-           (tenant_id, user_id, api_key_id, endpoint, model, inputs, tokens, status_code,
-            error_type, latency_ms, request_id, created_at)
-    SELECT %(tenant_id)s, %(user_id)s, %(api_key_id)s, %(endpoint)s, %(model)s, %(inputs)s,
-           %(tokens)s, %(status_code)s, %(error_type)s, %(latency_ms)s, %(request_id)s,
-           %(created_at)s
-      FROM charged
-    RETURNING id
-)
-SELECT charged.tokens FROM charged, logged
-"""
-
-
-def _charge_and_log_in_one_statement(
-    *, record: UsageRecord, period_start: date, quota: int
-) -> bool:
-    tenant = record.caller.tenant
-    assert tenant is not None
-    params = {
-        "tokens": record.tokens,
-        "tenant_id": tenant.pk,
-        "period_start": period_start,
-        "room": quota - record.tokens,
-        "user_id": record.caller.user_id,
-        "api_key_id": record.caller.api_key.pk if record.caller.api_key else None,
-        "endpoint": record.endpoint,
-        "model": record.model,
-        "inputs": record.inputs,
-        "status_code": record.status_code,
-        "error_type": record.error_type,
-        "latency_ms": record.latency_ms,
-        "request_id": record.request_id,
-        "created_at": timezone.now(),
-    }
-    with connection.cursor() as cursor:
-        cursor.execute(_CHARGE_AND_LOG_SQL, params)
-        row = cursor.fetchone()
-    if row is None:
-        return False
-    _saw_spent(tenant_id=tenant.pk, period_start=period_start, tokens=int(row[0]))
-    return True
-
-
-def charge_and_log(*, record: UsageRecord) -> None:
-    """Charges a served request's tokens to its tenant's monthly quota and writes its usage row,
-    atomically: the quota total always equals the sum of the log. Raises QuotaExceeded (and
-    charges nothing) when concurrent requests used up the quota first."""
-    tenant = record.caller.tenant
-    assert tenant is not None, "a served request always has a tenant"
-    quota = effective_limits(tenant).monthly_token_quota
-    period_start = current_period_start()
-    if connection.vendor == "postgresql" and _charge_and_log_in_one_statement(
-        record=record, period_start=period_start, quota=quota
-    ):
-        return
-    # Elsewhere (SQLite), on the month's first charge (no row yet) and when the quota is spent.
-    with transaction.atomic():
-        charged = _charge(tenant=tenant, period_start=period_start, quota=quota, record=record)
-        if not charged:
-            # Either the quota is spent, or this is the month's first charge and its row does
-            # not exist yet; the unique (tenant, month) makes concurrent creators agree on one.
-            QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
-            # Again whether this request created the row or lost the race to one that did: the
-            # loser's get_or_create returns the winner's row, which it has not charged yet.
-            charged = _charge(tenant=tenant, period_start=period_start, quota=quota, record=record)
-        spent = period_use(tenant=tenant, period_start=period_start).tokens
-        _saw_spent(tenant_id=tenant.pk, period_start=period_start, tokens=spent)
-        if not charged:
-            raise _quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
-        _log(record)
-
-
-def _charge(*, tenant: Tenant, period_start: date, quota: int, record: UsageRecord) -> bool:
-    # The condition and the increment are one statement, so no interleaving can overspend.
-    return bool(
-        QuotaPeriod.objects.filter(
-            tenant=tenant, period_start=period_start, tokens__lte=quota - record.tokens
-        ).update(tokens=F("tokens") + record.tokens, requests=F("requests") + 1)
-    )
-
-
-def log_refusal(*, record: UsageRecord) -> UsageLog:
-    """A refused request is logged, and charged nothing."""
-    return _log(replace(record, tokens=0))

@@ -1,16 +1,26 @@
 """Throughput and latency of the service against the model alone, in one run, on one machine.
 
     .venv/bin/python bench/service.py [--model PATH_OR_ID] [--quantization auto] [--seconds 10]
+        [--workload short,sentence] [--database env|sqlite] [--no-baseline] [--ceiling]
+        [--profile]
 
-1. In-process `model.encode` at batch 1, 8 and 32 (the ceiling: no HTTP, no identity layer).
-2. A real gunicorn with everything switched on (Supabase JWT auth, tenant resolution, Redis rate
+1. In-process `model.encode` at batch 1, 8 and 32, per workload (no HTTP, no identity layer).
+2. A real gunicorn with everything switched on (Supabase JWT auth, tenant resolution, rate
    limits, quota, usage log in the database) under 16 concurrent clients sending 1-text /embed
-   requests, then 32-text /batch-embed requests, with keep-alive connections.
-3. Sentences/s, p50/p95/p99 latency, the ratios to in-process batch 32, and the identity
-   layer's own p50 per request, read from each response's Server-Timing header.
+   requests of each workload ("short": search queries of 8-16 words; "sentence": about 30
+   tokens), then 32-text /batch-embed requests, with keep-alive connections.
+3. The bare per-request baseline (bench/bare_server.py: gunicorn, 2 sync workers, one `encode`
+   per request, no auth, no accounting) under the same clients, in the same run.
+4. With --ceiling, the stack's own limit: the same service with a near-free encoder (the tiny
+   EmbeddingGemma-architecture model) in requests/s, next to the bare server answering a
+   constant vector (no model at all).
+5. With --profile, py-spy samples the service's workers during the short 1-text run and prints
+   the CPU per request by part: HTTP parsing, middleware, DRF, authentication, metering, Redis,
+   SQL, tokenization, model, batcher hand-off, rendering, metrics, logging.
 
-The database and Redis are DATABASE_URL and REDIS_URL (PostgreSQL and Redis when set, else the
-embedded SQLite and a local cache). Floors (issue 2): 1-text >= 50%, 32-text >= 85%.
+Sentences/s, p50/p95/p99 latency and ratios (to in-process batch 32 and to the bare server) are
+printed. The database and Redis are DATABASE_URL and REDIS_URL (PostgreSQL and Redis when set),
+or with --database sqlite the embedded default: SQLite in a temporary DATA_DIR and a local cache.
 """
 
 from __future__ import annotations
@@ -20,11 +30,15 @@ import gc
 import http.client
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +68,17 @@ def sentences(count: int, words: int = 24, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(words)) + "." for _ in range(count)]
 
 
+def short_queries(count: int, seed: int = 7) -> list[str]:
+    """Search-query-like texts of 8 to 16 words."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) for _ in range(count)]
+
+
+WORKLOADS = {"short": short_queries, "sentence": sentences}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -62,7 +87,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def in_process(model: str, quantization: str, seconds: float) -> dict[str, Any]:
+def in_process(
+    model: str, quantization: str, seconds: float, workloads: list[str]
+) -> dict[str, dict[str, Any]]:
     from embeddings.runtime import load_encoder
 
     encoder = load_encoder(
@@ -71,7 +98,15 @@ def in_process(model: str, quantization: str, seconds: float) -> dict[str, Any]:
         max_seq_length=2048,
         hf_token=os.environ.get("HF_TOKEN") or None,
     )
-    texts = sentences(256)
+    everything = {
+        workload: encode_rates(encoder, WORKLOADS[workload](256), seconds) for workload in workloads
+    }
+    del encoder
+    gc.collect()
+    return everything
+
+
+def encode_rates(encoder: Any, texts: list[str], seconds: float) -> dict[str, Any]:
     tokens = encoder.count_tokens(texts[:32], "")
     results: dict[str, Any] = {
         "dtype": encoder.dtype,
@@ -87,8 +122,6 @@ def in_process(model: str, quantization: str, seconds: float) -> dict[str, Any]:
             done += batch
             offset += batch
         results[f"batch{batch}"] = done / (time.perf_counter() - started)
-    del encoder
-    gc.collect()
     return results
 
 
@@ -122,10 +155,17 @@ def prepare_tenant() -> str:
 
 
 def load(
-    url: str, token: str, *, path: str, texts_per_request: int, clients: int, seconds: float
+    url: str,
+    token: str,
+    *,
+    path: str,
+    texts_per_request: int,
+    clients: int,
+    seconds: float,
+    workload: str = "sentence",
 ) -> dict[str, Any]:
     host, port = url.removeprefix("http://").split(":")
-    pool = sentences(512, seed=11)
+    pool = WORKLOADS[workload](512, seed=11)
     latencies: list[float] = []
     identity: list[float] = []
     failures: list[str] = []
@@ -165,6 +205,7 @@ def load(
     wall = time.perf_counter() - started
     return {
         "sentences_per_s": done[0] / wall,
+        "requests_per_s": len(latencies) / wall,
         "requests": len(latencies),
         "failures": failures,
         "p50": percentile(latencies, 50),
@@ -183,6 +224,93 @@ def parse_server_timing(header: str) -> dict[str, float]:
     return phases
 
 
+def start_bare(env: dict[str, str], workers: int = 2) -> tuple[subprocess.Popen[bytes], str]:
+    """bench/bare_server.py under gunicorn, sync workers; its URL once it answers."""
+    from tests.service import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            str(workers),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--preload" if env.get("BARE_MODEL") == "free" else "--timeout=120",
+            "bench.bare_server:app",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900  # a busy machine loads models slowly
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            connection.request("POST", "/", body=json.dumps({"text": "warm up"}))
+            if connection.getresponse().status == 200:
+                # Every worker loads its model on its first request: warm them all.
+                for _ in range(workers * 4):
+                    connection.request("POST", "/", body=json.dumps({"text": "warm up"}))
+                    connection.getresponse().read()
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the bare server did not start")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+# Where a sampled stack's time goes: the innermost frame that matches a part names it.
+PARTS = [
+    ("logging", ("logging/__init__", "embedplatform/jsonlog")),
+    ("metrics", ("prometheus_client", "django_prometheus", "embedplatform/metrics")),
+    ("Redis", ("redis/", "django_redis", "django_ratelimit")),
+    ("SQL", ("django/db/", "psycopg", "sqlite3")),
+    ("tokenization", ("tokenizers", "count_tokens", "tokenization_utils")),
+    ("model", ("torch/", "sentence_transformers", "transformers/")),
+    ("batcher hand-off", ("embeddings/batching", "concurrent/futures", "threading.py")),
+    ("rendering", ("renderers", "orjson", "json/encoder", "embeddings/views.py")),
+    ("authentication", ("accounts/authentication", "accounts/jwt", "jwt/", "credential_cache")),
+    ("metering", ("accounts/metering", "accounts/ratelimit", "accounts/permissions")),
+    ("DRF", ("rest_framework",)),
+    ("HTTP parsing", ("gunicorn/http", "django/core/handlers/wsgi", "django/http/request")),
+    ("middleware", ("middleware", "django/utils/deprecation", "django/core/handlers")),
+    ("gunicorn", ("gunicorn",)),
+]
+
+
+def part_of(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for part, needles in PARTS:
+            if any(needle in frame for needle in needles):
+                return part
+    return "other"
+
+
+def profile_breakdown(raw: Path, rate: int, requests: int) -> list[tuple[str, float]]:
+    """CPU microseconds per request by part, from py-spy's raw (collapsed) output."""
+    samples: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            samples[part_of(stack)] += int(count)
+    per_request = 1e6 / rate / max(1, requests)
+    return [(part, count * per_request) for part, count in samples.most_common()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -194,91 +322,221 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="default: gunicorn.conf.py's for this machine"
     )
+    parser.add_argument("--workload", default="short,sentence", help="short, sentence or both")
+    parser.add_argument("--database", choices=["env", "sqlite"], default="env")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the bare server")
+    parser.add_argument("--no-batch", action="store_true", help="skip the 32-text run")
+    parser.add_argument("--ceiling", action="store_true", help="add the near-free-encoder run")
+    parser.add_argument("--profile", action="store_true", help="py-spy CPU breakdown per request")
     args = parser.parse_args()
+    workloads = [name.strip() for name in args.workload.split(",") if name.strip()]
+    if args.database == "sqlite":
+        data_dir = tempfile.mkdtemp(prefix="embedplatform-bench-sqlite-")
+        os.environ["DATA_DIR"] = data_dir
+        os.environ["DATABASE_URL"] = f"sqlite:///{data_dir}/db.sqlite3"
+        os.environ["REDIS_URL"] = ""
 
     print(
         f"model={args.model or 'bundled MiniLM'} quantization={args.quantization} "
-        f"cores={len(os.sched_getaffinity(0))} clients={args.clients}"
+        f"cores={len(os.sched_getaffinity(0))} clients={args.clients} "
+        f"database={os.environ.get('DATABASE_URL', 'sqlite').split(':')[0]} "
+        f"redis={'yes' if os.environ.get('REDIS_URL') else 'no (local cache)'} "
+        f"load average at start {os.getloadavg()[0]:.1f}"
     )
-    ceiling = in_process(args.model, args.quantization, args.seconds)
-    print(
-        f"\nin-process encode ({ceiling['dtype']}, ~{ceiling['tokens_per_text']:.0f} tokens/text)"
-    )
-    for batch in (1, 8, 32):
-        print(f"  batch {batch:>2}: {ceiling[f'batch{batch}']:8.1f} sentences/s")
+    ceilings = in_process(args.model, args.quantization, args.seconds, workloads)
+    for workload, ceiling in ceilings.items():
+        print(
+            f"\nin-process encode, {workload} ({ceiling['dtype']}, "
+            f"~{ceiling['tokens_per_text']:.0f} tokens/text)"
+        )
+        for batch in (1, 8, 32):
+            print(f"  batch {batch:>2}: {ceiling[f'batch{batch}']:8.1f} sentences/s")
+    dtype = next(iter(ceilings.values()))["dtype"]
 
     token = prepare_tenant()
-    from tests.service import start_service
+    from tests.service import start_service, wait_until_healthy
 
-    env = {"MODEL_NAME": args.model, "MODEL_QUANTIZATION": args.quantization}
-    service = start_service(
-        Path(tempfile.mkdtemp(prefix="bench-service-")), env=env, workers=args.workers
-    )
+    def run_service(model: str, quantization: str) -> Any:
+        env = {"MODEL_NAME": model, "MODEL_QUANTIZATION": quantization}
+        if args.database == "sqlite":
+            env["REDIS_URL"] = ""
+        service = start_service(
+            Path(tempfile.mkdtemp(prefix="bench-service-")),
+            env=env,
+            workers=args.workers,
+            wait=False,
+        )
+        try:
+            wait_until_healthy(service, timeout=900)  # a busy machine loads models slowly
+        except BaseException:
+            service.stop()
+            raise
+        return service
+
+    def one_text(url: str, workload: str, clients: int, seconds: float) -> dict[str, Any]:
+        return load(
+            url,
+            token,
+            path="/embed",
+            texts_per_request=1,
+            clients=clients,
+            seconds=seconds,
+            workload=workload,
+        )
+
+    runs: dict[str, dict[str, Any]] = {}
+    profile: list[tuple[str, float]] = []
+    service = run_service(args.model, args.quantization)
     try:
         health = json.loads(service.get("/health").text)
         for line in service.log().splitlines():
             if '"gunicorn_settings"' in line:
                 sizing = json.loads(line)
                 print(
-                    f"gunicorn: {sizing['workers']} workers x {sizing['threads']} threads, "
+                    f"\ngunicorn: {sizing['workers']} workers x {sizing['threads']} threads, "
                     f"{sizing['torch_threads']} torch threads each, {sizing['cores']} cores"
                 )
-        print(f"\nservice: {health['model']} {health['dtype']}, checks {health['checks']}")
-        assert health["dtype"] == ceiling["dtype"], "the service must run the same dtype"
-        load(
-            service.url, token, path="/embed", texts_per_request=1, clients=args.clients, seconds=2
-        )
+        print(f"service: {health['model']} {health['dtype']}, checks {health['checks']}")
+        assert health["dtype"] == dtype, "the service must run the same dtype"
+        one_text(service.url, workloads[0], args.clients, 2)  # warm-up
         # One client at a time: the identity layer's own cost, without queueing behind others.
-        alone = load(
-            service.url,
-            token,
-            path="/embed",
-            texts_per_request=1,
-            clients=1,
-            seconds=min(args.seconds, 5),
-        )
-        runs = {
-            "1-text": load(
-                service.url,
-                token,
-                path="/embed",
-                texts_per_request=1,
-                clients=args.clients,
-                seconds=args.seconds,
-            ),
-            "32-text": load(
+        alone = one_text(service.url, workloads[0], 1, min(args.seconds, 5))
+        for workload in workloads:
+            if args.profile and workload == "short":
+                profile = profiled(
+                    service,
+                    lambda w=workload: one_text(service.url, w, args.clients, args.seconds),
+                    runs,
+                    f"1-text {workload}",
+                )
+            else:
+                runs[f"1-text {workload}"] = one_text(
+                    service.url, workload, args.clients, args.seconds
+                )
+        if not args.no_batch:
+            runs["32-text sentence"] = load(
                 service.url,
                 token,
                 path="/batch-embed",
                 texts_per_request=32,
                 clients=args.clients,
                 seconds=args.seconds,
-            ),
-        }
+            )
     finally:
         service.stop()
 
+    bare: dict[str, dict[str, Any]] = {}
+    if not args.no_baseline:
+        process, url = start_bare(
+            {"BARE_MODEL": args.model, "BARE_QUANTIZATION": args.quantization}
+        )
+        try:
+            for workload in workloads:
+                bare[workload] = one_text(url, workload, args.clients, args.seconds)
+        finally:
+            stop(process)
+
+    ceiling_runs: dict[str, dict[str, Any]] = {}
+    if args.ceiling:
+        from embeddings.gemma_builder import build_gemma_like_model
+
+        tiny_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-tiny-"))
+        tiny = build_gemma_like_model(tiny_dir / "gemma-tiny", size="tiny")
+        service = run_service(str(tiny), "fp32")
+        try:
+            one_text(service.url, "short", args.clients, 2)
+            ceiling_runs["service, near-free encoder"] = one_text(
+                service.url, "short", args.clients, args.seconds
+            )
+        finally:
+            service.stop()
+            shutil.rmtree(tiny_dir, ignore_errors=True)
+        process, url = start_bare({"BARE_MODEL": "free"})
+        try:
+            ceiling_runs["bare server, no model"] = one_text(
+                url, "short", args.clients, args.seconds
+            )
+        finally:
+            stop(process)
+
     print(
-        f"\none client, 1-text requests: p50 {alone['p50']:.1f} ms, of which the identity layer "
-        "(authentication, tenant, rate limits, quota, charge and usage row) "
+        f"\none client, 1-text {workloads[0]} requests: p50 {alone['p50']:.1f} ms, of which the "
+        "identity layer (authentication, tenant, rate limits, quota, charge and usage row) "
         f"{alone['identity_p50']:.2f} ms"
     )
-    floors = {"1-text": 0.50, "32-text": 0.85}
-    print(f"\nservice under {args.clients} concurrent clients (identity layer on)")
+    print(f"\nservice under {args.clients} concurrent clients (identity layer on), {dtype}")
     print(
-        f"  {'requests':<9} {'sent/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'identity p50 ms':>16} {'vs batch32':>10} {'floor':>6}"
+        f"  {'requests':<18} {'sent/s':>8} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'p99 ms':>7} {'id p50':>7} {'vs batch32':>10} {'vs bare':>8}"
     )
     for name, run in runs.items():
-        ratio = run["sentences_per_s"] / ceiling["batch32"]
-        verdict = "ok" if ratio >= floors[name] else "BELOW"
+        workload = name.split()[-1]
+        ratio = run["sentences_per_s"] / ceilings[workload]["batch32"]
+        versus_bare = ""
+        if name.startswith("1-text") and workload in bare:
+            versus_bare = f"{run['sentences_per_s'] / bare[workload]['sentences_per_s']:7.2f}x"
         print(
-            f"  {name:<9} {run['sentences_per_s']:8.1f} {run['p50']:8.1f} {run['p95']:8.1f} "
-            f"{run['p99']:8.1f} {run['identity_p50']:16.2f} {ratio:9.0%} {floors[name]:5.0%} "
-            f"{verdict}"
+            f"  {name:<18} {run['sentences_per_s']:8.1f} {run['requests_per_s']:8.1f} "
+            f"{run['p50']:7.1f} {run['p95']:7.1f} {run['p99']:7.1f} {run['identity_p50']:7.2f} "
+            f"{ratio:9.0%} {versus_bare:>8}"
         )
         if run["failures"]:
             print(f"    {len(run['failures'])} failed requests, first: {run['failures'][0]}")
+    for workload, run in bare.items():
+        ratio = run["sentences_per_s"] / ceilings[workload]["batch32"]
+        print(
+            f"  {'bare ' + workload:<18} {run['sentences_per_s']:8.1f} "
+            f"{run['requests_per_s']:8.1f} {run['p50']:7.1f} {run['p95']:7.1f} {run['p99']:7.1f} "
+            f"{'':>7} {ratio:9.0%}"
+        )
+    if ceiling_runs:
+        print("\nstack ceiling, 1-text short requests")
+        for name, run in ceiling_runs.items():
+            print(
+                f"  {name:<28} {run['requests_per_s']:8.1f} req/s  p50 {run['p50']:.1f} ms  "
+                f"p99 {run['p99']:.1f} ms"
+            )
+        service_rate = ceiling_runs["service, near-free encoder"]["requests_per_s"]
+        bare_rate = ceiling_runs["bare server, no model"]["requests_per_s"]
+        print(f"  the bare server is {bare_rate / service_rate:.1f}x the metered stack")
+    if profile:
+        total = sum(value for _, value in profile)
+        print(f"\nCPU per 1-text short request (py-spy, all workers): {total:.0f} us")
+        for part, value in profile:
+            print(f"  {part:<18} {value:8.0f} us  {value / total:5.1%}")
+
+
+def profiled(
+    service: Any, run: Any, runs: dict[str, dict[str, Any]], name: str
+) -> list[tuple[str, float]]:
+    """Runs `run()` with py-spy sampling every gunicorn process of `service`."""
+    rate = 250
+    raw = Path(tempfile.mkdtemp(prefix="bench-profile-")) / "stacks.txt"
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(service.process.pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        runs[name] = run()
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+    return profile_breakdown(raw, rate, runs[name]["requests"])
 
 
 if __name__ == "__main__":

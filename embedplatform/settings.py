@@ -158,8 +158,21 @@ if "postgresql" in DATABASES["default"]["ENGINE"]:
     )
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    # Several gunicorn threads write usage rows at once: wait for the lock instead of failing.
-    DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20})
+    # The embedded default, made for concurrent requests: WAL lets reads go on while one write
+    # commits, synchronous=NORMAL makes a commit a write to the log rather than an fsync (safe
+    # in WAL: a power cut may lose the last commits, never corrupt), a busy timeout waits for the
+    # write lock instead of failing, and IMMEDIATE transactions take that lock up front, so two
+    # charges never deadlock upgrading a read lock (which SQLite answers with "database is
+    # locked" at once, whatever the timeout).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": env.float("SQLITE_BUSY_TIMEOUT_SECONDS", default=20.0),
+            "transaction_mode": "IMMEDIATE",
+            "init_command": (
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA temp_store=MEMORY;"
+            ),
+        }
+    )
 # django-prometheus wraps the backend to count queries and errors.
 DATABASES["default"]["ENGINE"] = DATABASES["default"]["ENGINE"].replace(
     "django.db.backends.", "django_prometheus.db.backends."

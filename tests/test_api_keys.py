@@ -207,3 +207,16 @@ def test_it_shows_a_key_its_own_tenants_usage(alice: Person, charlie: Person) ->
     response = Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {key}")
     assert response.status_code == 200
     assert response.json()["tenant"]["id"] == charlie.tenant.pk
+
+
+@pytest.mark.parametrize("junk", ["\x00", "\x07", "\x1b", "\x7f"])
+def test_it_refuses_a_key_with_control_characters_before_any_query(
+    alice: Person, fake_encoder: FakeEncoder, junk: str, django_assert_num_queries: Any
+) -> None:
+    _, key = services.create_api_key(tenant=alice.tenant, name="ci")
+    for mangled in (key[:8] + junk + key[9:], key[:-1] + junk, key + junk):
+        with django_assert_num_queries(0):
+            response = embed(mangled)
+        assert_error(response, 401, error_type="authentication_error")
+    assert fake_encoder.texts_encoded == 0
+    assert not UsageLog.objects.exists()

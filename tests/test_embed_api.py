@@ -515,3 +515,34 @@ def test_it_answers_probes_that_address_it_by_ip(
 def test_it_still_checks_the_host_of_the_api(alice: Person, fake_encoder: FakeEncoder) -> None:
     response = post(alice, "/embed", {"text": "a"}, HTTP_HOST="evil.example.com")
     assert_error(response, 400, code="bad_request")
+
+
+@pytest.mark.parametrize("credential", ["jwt", "api_key"])
+def test_it_costs_one_query_per_request_once_the_caller_is_known(
+    alice: Person,
+    fake_encoder: FakeEncoder,
+    settings: Any,
+    credential: str,
+    django_assert_num_queries: Any,
+) -> None:
+    """With the production caches on, a served request is one statement (charge and usage row
+    together) and a refused one is one INSERT (its usage row): identity, tenant, plan and the
+    quota pre-check come from memory."""
+    from accounts import services
+
+    settings.AUTH_CACHE_SECONDS = 5
+    settings.QUOTA_PRECHECK_CACHE_SECONDS = 5
+    headers = dict(alice.client_headers)
+    if credential == "api_key":
+        _, key = services.create_api_key(tenant=alice.tenant, name="ci")
+        headers = {"HTTP_AUTHORIZATION": f"Bearer {key}"}
+
+    def send(body: Any) -> Any:
+        return Client().post("/v1/embeddings", body, content_type="application/json", **headers)
+
+    assert send({"input": "warm up"}).status_code == 200  # the month's row, last-seen stamps
+    with django_assert_num_queries(1):
+        assert send({"input": "hello world"}).status_code == 200
+    with django_assert_num_queries(1):
+        assert send({"input": ""}).status_code == 422
+    assert UsageLog.objects.count() == 3

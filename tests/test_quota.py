@@ -273,3 +273,56 @@ def test_it_serves_a_fresh_tenants_simultaneous_first_requests_of_the_month(
         == logged(charlie.tenant)
         == sum(r.json()["usage"]["total_tokens"] for r in responses)
     )
+
+
+LOWER_QUOTA_ELSEWHERE = """
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as connection:
+    connection.execute(sys.argv[2], (int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
+def lower_quota_in_another_process(*, table: str, pk: int, tokens: int) -> None:
+    """What the admin in another worker or an operator's script does: a committed UPDATE from a
+    process this one cannot hear (no signal clears its caches)."""
+    import subprocess
+    import sys
+
+    from django.db import connection
+
+    settings_dict = connection.settings_dict
+    dsn = (
+        f"host={settings_dict['HOST']} port={settings_dict['PORT'] or 5432} "
+        f"user={settings_dict['USER']} dbname={settings_dict['NAME']}"
+    )
+    statement = f"UPDATE {table} SET monthly_token_quota = %s WHERE id = %s"
+    subprocess.run(
+        [sys.executable, "-c", LOWER_QUOTA_ELSEWHERE, dsn, statement, str(tokens), str(pk)],
+        check=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("where", ["tenant", "plan"])
+def test_it_charges_against_a_quota_lowered_by_another_process_on_the_next_request(
+    alice: Person, fake_encoder: FakeEncoder, settings: Any, where: str
+) -> None:
+    """Every cache on: the credentials (tenant and plan) and the quota pre-check remember a
+    generous quota; the charge still reads the live rows."""
+    settings.AUTH_CACHE_SECONDS = 60
+    settings.QUOTA_PRECHECK_CACHE_SECONDS = 60
+    assert embed(alice).status_code == 200
+    assert embed(alice).status_code == 200  # now served from every cache
+    if where == "tenant":
+        lower_quota_in_another_process(table=Tenant._meta.db_table, pk=alice.tenant.pk, tokens=9)
+    else:
+        plan = alice.tenant.plan
+        lower_quota_in_another_process(table=Plan._meta.db_table, pk=plan.pk, tokens=9)
+
+    response = embed(alice)  # 8 + 4 would pass 9
+
+    assert_error(response, 429, error_type="insufficient_quota", code="insufficient_quota")
+    assert "of 9 remain" in response.json()["error"]["message"]
+    assert charged(alice.tenant) == logged(alice.tenant) == 8
+    assert UsageLog.objects.filter(tenant=alice.tenant, status_code=429, tokens=0).count() == 1

@@ -313,3 +313,66 @@ def test_it_gives_back_the_tokens_of_a_request_the_model_failed(
     served = embed(alice)
     assert served.status_code == 200
     assert served["x-ratelimit-remaining-tokens"] == "96"  # only the served request's 4
+
+
+# --- Timing -------------------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand, for django-ratelimit and our windows alike."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(frozen_rate_window: None, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    import django_ratelimit.core
+
+    import accounts.ratelimit
+
+    clock = Clock(time.time())
+    monkeypatch.setattr(accounts.ratelimit, "time", clock)
+    monkeypatch.setattr(django_ratelimit.core, "time", clock)
+    return clock
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.5, 0.999])
+@pytest.mark.parametrize("step", ["requests", "tokens"])
+def test_it_says_exactly_when_a_refused_request_would_be_served(
+    alice: Person, fake_encoder: FakeEncoder, clock: Clock, fraction: float, step: str
+) -> None:
+    """Retry-After (rounded up) and x-ratelimit-reset-* are never early: waiting exactly that
+    long is served, and a millisecond less is not (for retry-after-ms) or, for whole seconds,
+    a second less is not."""
+    from accounts.ratelimit import window_end
+
+    # Anywhere inside a second: the real end of the window is not on the second of the header.
+    clock.now = float(int(clock.now)) + fraction
+    limit(alice.tenant, requests=1 if step == "requests" else 100, tokens=4)
+    assert embed(alice).status_code == 200
+    refused = embed(alice)
+    assert_error(refused, 429, code="rate_limit_exceeded")
+    retry_after = int(refused["Retry-After"])
+    retry_after_ms = int(refused["retry-after-ms"])
+    assert 1 <= retry_after <= 60
+    assert seconds(refused["x-ratelimit-reset-requests"]) == retry_after
+    assert seconds(refused["x-ratelimit-reset-tokens"]) == retry_after
+    assert retry_after_ms <= retry_after * 1000
+    # The window really ends at the start of the second after its end second.
+    assert window_end(f"tenant:{alice.tenant.pk}", now=clock.now) + 1 - clock.now == pytest.approx(
+        retry_after_ms / 1000, abs=0.0011
+    )
+    started = clock.now
+    clock.now = started + retry_after_ms / 1000 - 0.002
+    assert_error(embed(alice), 429, code="rate_limit_exceeded")
+    clock.now = started + retry_after - 1
+    assert_error(embed(alice), 429, code="rate_limit_exceeded")
+    clock.now = started + retry_after_ms / 1000
+    assert embed(alice).status_code == 200
+    clock.now = started + retry_after  # any client waiting the whole seconds, too
+    limit(alice.tenant, requests=100, tokens=8)
+    assert embed(alice).status_code == 200

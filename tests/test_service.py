@@ -16,9 +16,10 @@ import openai
 import pytest
 import requests
 
-from accounts.models import UsageLog
+from accounts import services
+from accounts.models import Tenant, UsageLog
 from tests.conftest import Person
-from tests.service import Service, start_service
+from tests.service import Service, start_service, wait_until_healthy
 
 pytestmark = [pytest.mark.service, pytest.mark.django_db(transaction=True)]
 
@@ -282,3 +283,98 @@ def test_it_refuses_a_chunked_body_over_the_limit(minilm_service: Service, alice
     response = minilm_service.post("/embed", data=chunks(), headers=headers)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+
+
+def tenant_whose_window_ends_in(low: float, high: float) -> tuple[Tenant, float]:
+    """A new tenant whose requests-per-minute window ends `low` to `high` seconds from now (each
+    tenant's window has a jitter of its own), so a test can wait for it; and when it ends."""
+    from accounts.ratelimit import window_end
+
+    for number in range(500):
+        tenant = services.create_tenant(name=f"window {number}")
+        ends = window_end(f"tenant:{tenant.pk}") + 1
+        if low <= ends - time.time() <= high:
+            return tenant, ends
+    raise AssertionError("no tenant's window ends soon enough")
+
+
+def test_it_serves_the_openai_clients_first_retry_after_a_rate_limit(
+    minilm_service: Service,
+) -> None:
+    """The client waits what retry-after-ms / Retry-After says, once (max_retries=1): that is
+    enough, because they are never early."""
+    for _ in range(5):
+        tenant, window_ends = tenant_whose_window_ends_in(3.0, 8.0)
+        Tenant.objects.filter(pk=tenant.pk).update(requests_per_minute=1)
+        _, key = services.create_api_key(tenant=tenant, name="retry")
+        client = openai.OpenAI(base_url=f"{minilm_service.url}/v1", api_key=key, max_retries=1)
+        client.embeddings.create(model="all-MiniLM-L6-v2", input="first")
+        if time.time() < window_ends - 1.0:
+            break  # still well inside the window: the next request will be refused
+    else:
+        raise AssertionError("five first requests each took seconds: the machine is swamped")
+    started = time.monotonic()
+    response = client.embeddings.create(model="all-MiniLM-L6-v2", input="second")
+    assert len(response.data) == 1
+    assert time.monotonic() - started < 12
+    rows = list(UsageLog.objects.filter(tenant=tenant).order_by("pk").values_list("status_code"))
+    assert rows == [(200,), (429,), (200,)]
+
+
+def test_it_serves_16_concurrent_clients_on_the_embedded_sqlite_default(
+    django_db_setup: None, tmp_path: Path
+) -> None:
+    """The quick start's database under load: no "database is locked", every request charged
+    and logged exactly once, WAL on."""
+    import sqlite3
+    import subprocess
+    import sys
+    import uuid
+
+    from accounts.jwt import mint_token
+    from tests.service import ROOT
+
+    database = tmp_path / "db.sqlite3"
+    env = {"DATABASE_URL": f"sqlite:///{database}", "REDIS_URL": ""}
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
+        cwd=ROOT,
+        env={**os.environ, **env, "DJANGO_SETTINGS_MODULE": "embedplatform.settings"},
+        check=True,
+        timeout=300,
+    )
+    service = start_service(
+        tmp_path, env={**env, "MODEL_QUANTIZATION": "fp32"}, workers=2, wait=False
+    )
+    try:
+        wait_until_healthy(service, timeout=300)
+        # Four users, four first requests each at once: provisioning races on SQLite too.
+        tokens = [
+            mint_token(subject=str(uuid.uuid4()), email=f"u{n}@example.com") for n in range(4)
+        ]
+
+        def client(number: int) -> list[int]:
+            session = requests.Session()
+            headers = {"Authorization": f"Bearer {tokens[number % 4]}"}
+            return [
+                session.post(
+                    f"{service.url}/embed", json={"text": f"query {number} {i}"}, headers=headers
+                ).status_code
+                for i in range(6)
+            ]
+
+        with ThreadPoolExecutor(16) as pool:
+            statuses = [status for batch in pool.map(client, range(16)) for status in batch]
+    finally:
+        service.stop()
+    assert statuses == [200] * 96
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        rows, logged = connection.execute(
+            "SELECT COUNT(*), SUM(tokens) FROM accounts_usagelog WHERE status_code = 200"
+        ).fetchone()
+        (charged,) = connection.execute("SELECT SUM(tokens) FROM accounts_quotaperiod").fetchone()
+        (tenants,) = connection.execute("SELECT COUNT(*) FROM accounts_tenant").fetchone()
+    assert rows == 96
+    assert logged == charged > 0
+    assert tenants == 4

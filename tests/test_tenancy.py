@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import connections
+from django.db import connection, connections
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from accounts import services
 from accounts.jwt import mint_token
@@ -231,3 +232,28 @@ def test_it_does_not_take_a_non_staff_session_as_a_credential(alice: Person) -> 
     response = client.post("/embed", {"text": "hi"}, content_type="application/json")
     assert_error(response, 401, error_type="authentication_error", code="missing_credentials")
     assert_error(client.get("/usage"), 401, code="missing_credentials")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("value", ["1\x00", "\x00", "12\x07", "\x1b[31m1", "1\x7f"])
+def test_it_refuses_an_x_tenant_with_control_characters_before_any_query(
+    alice: Person, fake_encoder: FakeEncoder, value: str
+) -> None:
+    value = value.replace("1", str(alice.tenant.pk), 1)
+    with CaptureQueriesContext(connection) as queries:
+        error = assert_error(embed(alice, HTTP_X_TENANT=value), 403, code="invalid_tenant")
+    assert not [query for query in queries if value in query["sql"]]
+    assert "control characters" in error["message"]
+    _, key = services.create_api_key(tenant=alice.tenant, name="ci")
+    response = Client().post(
+        "/embed",
+        {"text": "hello world"},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {key}",
+        HTTP_X_TENANT=value,
+    )
+    assert_error(response, 403, error_type="permission_error", code="invalid_tenant")
+    assert fake_encoder.texts_encoded == 0
+    # Logged as the caller's refusals, charged nothing; the header's value was never queried.
+    assert set(UsageLog.objects.values_list("status_code", "tokens")) == {(403, 0)}
+    assert_error(usage(alice, HTTP_X_TENANT=value), 403, code="invalid_tenant")

@@ -15,9 +15,8 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from accounts import services
 from accounts.models import UsageLog
-from tests.conftest import FakeEncoder, Person
+from tests.conftest import FakeEncoder, Person, usage_row
 from tests.test_embed_api import assert_error
 
 pytestmark = pytest.mark.django_db
@@ -70,20 +69,8 @@ def test_it_shows_the_plan_limits_and_this_months_use(
 def test_it_totals_the_last_30_days_by_utc_day(alice: Person) -> None:
     now = timezone.now()
     for days_ago, tokens in [(0, 5), (1, 7), (1, 1), (29, 3), (30, 100)]:
-        row = services.log_refusal(
-            record=services.UsageRecord(
-                caller=services.Caller(user=alice.user, tenant=alice.tenant),
-                endpoint="embed",
-                model="m",
-                inputs=1,
-                tokens=0,
-                status_code=200,
-                latency_ms=1.0,
-                request_id="r",
-            )
-        )
-        UsageLog.objects.filter(pk=row.pk).update(
-            created_at=now - timedelta(days=days_ago), tokens=tokens
+        usage_row(
+            alice.tenant, user=alice.user, created_at=now - timedelta(days=days_ago), tokens=tokens
         )
     daily = usage(alice)["daily"]
     assert [day["tokens"] for day in daily if day["tokens"]] == [3, 8, 5]

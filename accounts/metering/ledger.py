@@ -1,0 +1,213 @@
+"""The quota ledger: the monthly quota pre-check, the charge with its usage row, and the
+refusal row.
+
+The charge statement reads the tenant's quota (tenant override, else plan, else the setting) from
+the tenant and plan rows themselves, in the statement that charges, so a quota lowered by any
+process (the admin, another worker) binds the next charge; no cache takes part in it. The
+pre-check before the model may skip its query while this process last saw the tenant far from
+its quota: that lets a request go on to the charge, which decides, and never serves by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from datetime import date
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
+from accounts.selectors import current_period_start
+from accounts.services import Caller
+from embedplatform import metrics
+from embedplatform.errors import QuotaExceeded
+
+_QUOTA = QuotaPeriod._meta.db_table
+_USAGE = UsageLog._meta.db_table
+_TENANT = Tenant._meta.db_table
+_PLAN = Plan._meta.db_table
+
+# The tenant's quota as the database says it now, for a tenant id bound as %(tenant_id)s.
+_LIVE_QUOTA_SQL = f"""(
+    SELECT COALESCE(t.monthly_token_quota, p.monthly_token_quota, %(default_quota)s)
+      FROM {_TENANT} t JOIN {_PLAN} p ON p.id = t.plan_id
+     WHERE t.id = %(tenant_id)s
+)"""
+
+# The charge: conditional on the live quota, so no interleaving of requests can overspend.
+_CHARGE_SQL = f"""
+UPDATE {_QUOTA}
+   SET tokens = tokens + %(tokens)s, requests = requests + 1
+ WHERE tenant_id = %(tenant_id)s AND period_start = %(period_start)s
+   AND tokens + %(tokens)s <= {_LIVE_QUOTA_SQL}
+RETURNING tokens
+"""
+
+_USAGE_COLUMNS = (
+    "tenant_id, user_id, api_key_id, endpoint, model, inputs, tokens, status_code, error_type, "
+    "latency_ms, request_id, created_at"
+)
+_USAGE_VALUES = (
+    "%(tenant_id)s, %(user_id)s, %(api_key_id)s, %(endpoint)s, %(model)s, %(inputs)s, "
+    "%(tokens)s, %(status_code)s, %(error_type)s, %(latency_ms)s, %(request_id)s, %(created_at)s"
+)
+
+# PostgreSQL: the charge and the usage row in one statement (one round trip); the row is written
+# only if the charge happened. A statement is atomic on its own.
+_CHARGE_AND_LOG_SQL = f"""
+WITH charged AS ({_CHARGE_SQL}), logged AS (
+    INSERT INTO {_USAGE} ({_USAGE_COLUMNS}) SELECT {_USAGE_VALUES} FROM charged RETURNING id
+)
+SELECT charged.tokens FROM charged, logged
+"""
+
+_LOG_SQL = f"INSERT INTO {_USAGE} ({_USAGE_COLUMNS}) VALUES ({_USAGE_VALUES})"
+
+# Spent and quota, both live, in one query (the pre-check, and the message of a refusal).
+_STANDING_SQL = f"""
+SELECT {_LIVE_QUOTA_SQL},
+       COALESCE((SELECT tokens FROM {_QUOTA}
+                  WHERE tenant_id = %(tenant_id)s AND period_start = %(period_start)s), 0)
+"""
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One usage row as the log will hold it."""
+
+    caller: Caller
+    endpoint: str
+    model: str
+    inputs: int
+    tokens: int
+    status_code: int
+    latency_ms: float
+    request_id: str
+    error_type: str = ""
+
+    def params(self) -> dict[str, object]:
+        caller = self.caller
+        return {
+            "tenant_id": caller.tenant.pk if caller.tenant is not None else None,
+            "user_id": caller.user_id,
+            "api_key_id": caller.api_key.pk if caller.api_key is not None else None,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "inputs": self.inputs,
+            "tokens": self.tokens,
+            "status_code": self.status_code,
+            "error_type": self.error_type,
+            "latency_ms": self.latency_ms,
+            "request_id": self.request_id,
+            "created_at": connection.ops.adapt_datetimefield_value(timezone.now()),
+        }
+
+
+# What this process last saw of each tenant: (month, tokens spent, quota, when). The pre-check
+# trusts it for QUOTA_PRECHECK_CACHE_SECONDS while the tenant is far (10%) from its quota; other
+# workers may have charged meanwhile, hence the headroom. Only ever a reason to go on to the
+# charge, which reads the live rows.
+_seen: dict[int, tuple[date, int, int, float]] = {}
+_PRECHECK_HEADROOM = 0.1
+
+
+def _standing(*, tenant_id: int, period_start: date) -> tuple[int, int]:
+    """(quota, spent) of a tenant this period, from the database."""
+    params = {
+        "tenant_id": tenant_id,
+        "period_start": connection.ops.adapt_datefield_value(period_start),
+        "default_quota": settings.MONTHLY_TOKEN_QUOTA,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_STANDING_SQL, params)
+        quota, spent = cursor.fetchone()
+    quota = settings.MONTHLY_TOKEN_QUOTA if quota is None else int(quota)  # tenant deleted
+    _seen[tenant_id] = (period_start, int(spent), quota, time.monotonic())
+    return quota, int(spent)
+
+
+def check_quota(*, tenant_id: int, tokens: int) -> None:
+    """Refuses, before the model runs, a request that cannot fit in this month's quota."""
+    period_start = current_period_start()
+    seen = _seen.get(tenant_id)
+    if (
+        seen is not None
+        and seen[0] == period_start
+        and time.monotonic() - seen[3] < settings.QUOTA_PRECHECK_CACHE_SECONDS
+        and seen[1] + tokens <= seen[2] * (1 - _PRECHECK_HEADROOM)
+    ):
+        return
+    quota, spent = _standing(tenant_id=tenant_id, period_start=period_start)
+    if spent + tokens > quota:
+        raise quota_exceeded(quota=quota, spent=spent, tokens=tokens)
+
+
+def quota_exceeded(*, quota: int, spent: int, tokens: int) -> QuotaExceeded:
+    metrics.QUOTA_EXCEEDED.inc()
+    remaining = max(0, quota - spent)
+    return QuotaExceeded(
+        f"This request needs {tokens} tokens but only {remaining} of the tenant's monthly quota "
+        f"of {quota} remain.",
+        code="insufficient_quota",
+    )
+
+
+def _charge_params(record: UsageRecord, period_start: date) -> dict[str, object]:
+    return {
+        **record.params(),
+        "period_start": connection.ops.adapt_datefield_value(period_start),
+        "default_quota": settings.MONTHLY_TOKEN_QUOTA,
+    }
+
+
+def _note_spent(tenant_id: int, period_start: date, spent: int) -> None:
+    seen = _seen.get(tenant_id)
+    quota = seen[2] if seen is not None else settings.MONTHLY_TOKEN_QUOTA
+    _seen[tenant_id] = (period_start, spent, quota, time.monotonic())
+
+
+def charge_and_log(*, record: UsageRecord) -> None:
+    """Charges a served request's tokens to its tenant's monthly quota and writes its usage row,
+    atomically: the quota total always equals the sum of the log. Raises QuotaExceeded (and
+    charges nothing) when the live quota has no room left for them."""
+    tenant = record.caller.tenant
+    assert tenant is not None, "a served request always has a tenant"
+    period_start = current_period_start()
+    params = _charge_params(record, period_start)
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(_CHARGE_AND_LOG_SQL, params)
+            row = cursor.fetchone()
+            if row is not None:
+                _note_spent(tenant.pk, period_start, int(row[0]))
+                return
+    # Elsewhere (SQLite), on the month's first charge (no row yet) and when the quota is spent.
+    with transaction.atomic():
+        spent_after = _charge(params)
+        if spent_after is None:
+            # Either the quota is spent, or this is the month's first charge and its row does
+            # not exist yet; the unique (tenant, month) makes concurrent creators agree on one.
+            QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
+            spent_after = _charge(params)
+        if spent_after is None:
+            quota, spent = _standing(tenant_id=tenant.pk, period_start=period_start)
+            raise quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
+        with connection.cursor() as cursor:
+            cursor.execute(_LOG_SQL, params)
+    _note_spent(tenant.pk, period_start, spent_after)
+
+
+def _charge(params: dict[str, object]) -> int | None:
+    """The tenant's tokens after the charge, None when it did not happen."""
+    with connection.cursor() as cursor:
+        cursor.execute(_CHARGE_SQL, params)
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+def log_refusal(*, record: UsageRecord) -> None:
+    """A refused request is logged, and charged nothing."""
+    with connection.cursor() as cursor:
+        cursor.execute(_LOG_SQL, replace(record, tokens=0).params())

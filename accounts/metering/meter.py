@@ -1,0 +1,163 @@
+"""One metered request, from its caller to its usage row.
+
+The life of a request, in order: the caller is identified (authentication, which also decides
+the tenant), the tenant's limits are worked out and the request counts against requests per
+minute (`admit`), the number of texts is checked (`check_inputs`), its tokens count against
+tokens per minute and the monthly quota is pre-checked (`reserve`), and then it ends exactly
+once, as `served` (charged, with its usage row, in one transaction) or `refused` (a usage row
+with zero tokens, and the minute's tokens given back). `finish` puts the outcome on the
+response: a refusal row if nothing was recorded yet, the x-ratelimit-* headers, Server-Timing
+and the metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from accounts import ratelimit
+from accounts.metering import ledger
+from accounts.models import Tenant
+from accounts.selectors import Limits, effective_limits
+from accounts.services import Caller
+from embedplatform import metrics
+from embedplatform.errors import PayloadTooLarge
+
+Outcome = Literal["served", "refused"]
+
+
+@dataclass
+class Meter:
+    endpoint: str
+    request_id: str
+    model: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    caller: Caller | None = None
+    limits: Limits | None = None
+    rate_limit: ratelimit.RateLimitState | None = None
+    inputs: int = 0
+    tokens: int = 0
+    outcome: Outcome | None = None
+    # Milliseconds per phase, sent back as Server-Timing so callers (and bench/) can see where a
+    # request's time went: the identity layer versus the model.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # --- the steps, in order ---------------------------------------------------------------
+
+    def identify(self, caller: Caller) -> None:
+        """Authentication succeeded: from here on the request leaves a usage row."""
+        self.caller = caller
+
+    @property
+    def tenant(self) -> Tenant:
+        """The tenant the request acts for; set once authentication and permissions passed."""
+        assert self.caller is not None
+        assert self.caller.tenant is not None
+        return self.caller.tenant
+
+    def admit(self, request: Request) -> None:
+        """The tenant's limits, and this request against its requests per minute (429)."""
+        with self.timed("ratelimit"):
+            self.limits = effective_limits(self.tenant)
+            self.rate_limit = ratelimit.count_request(
+                request=request, tenant_id=self.tenant.pk, limits=self.limits
+            )
+
+    def check_inputs(self, *, count: int, param: str) -> None:
+        """At most the plan's texts per request (413)."""
+        assert self.limits is not None
+        self.inputs = count
+        if count > self.limits.max_texts_per_request:
+            raise PayloadTooLarge(
+                f"A request may carry at most {self.limits.max_texts_per_request} texts; this "
+                f"one has {count}.",
+                code="too_many_inputs",
+                param=param,
+            )
+
+    def reserve(self, *, tokens: int) -> None:
+        """The tokens against tokens per minute (429), then the monthly quota pre-check (429)."""
+        self.tokens = tokens
+        with self.timed("ratelimit"):
+            ratelimit.consume_tokens(state=self.rate_limit, tokens=tokens)
+        with self.timed("quota"):
+            ledger.check_quota(tenant_id=self.tenant.pk, tokens=tokens)
+
+    def served(self) -> None:
+        """Charges the reserved tokens and writes the usage row, atomically; raises
+        QuotaExceeded when the quota has no room left by now (then nothing is charged)."""
+        if self.outcome is not None:
+            return
+        with self.timed("charge"):
+            ledger.charge_and_log(record=self._record(status_code=200, tokens=self.tokens))
+        self.outcome = "served"
+        metrics.TOKENS.labels(endpoint=self.endpoint).inc(self.tokens)
+        metrics.INPUTS.labels(endpoint=self.endpoint).inc(self.inputs)
+
+    def refused(self, *, status_code: int, error_type: str) -> None:
+        """Logs the refusal with zero tokens and gives the minute's tokens back. Does nothing
+        for a request already served or refused, or one whose caller is unknown."""
+        if self.outcome is not None or self.caller is None:
+            return
+        ratelimit.refund_tokens(state=self.rate_limit)
+        ledger.log_refusal(
+            record=self._record(status_code=status_code, tokens=0, error_type=error_type)
+        )
+        self.outcome = "refused"
+
+    def finish(self, response: Response) -> None:
+        """Puts the outcome on the response, whatever it was."""
+        status_code = response.status_code
+        error_type = ""
+        if status_code >= 400:
+            data = response.data if isinstance(response.data, dict) else {}
+            error = data.get("error")
+            error_type = str(error.get("type", "error")) if isinstance(error, dict) else "error"
+            self.refused(status_code=status_code, error_type=error_type)
+        if self.rate_limit is not None:
+            headers = ratelimit.with_remaining_tokens(self.rate_limit).headers()
+            for name, value in headers.items():
+                response.headers.setdefault(name, value)
+        response["Server-Timing"] = self.server_timing()
+        metrics.REQUESTS.labels(endpoint=self.endpoint, status=str(status_code)).inc()
+        metrics.REQUEST_DURATION.labels(endpoint=self.endpoint).observe(self.elapsed_ms() / 1000)
+        if status_code >= 400:
+            metrics.ERRORS.labels(endpoint=self.endpoint, type=error_type).inc()
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000.0
+            self.timings[phase] = self.timings.get(phase, 0.0) + elapsed
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+    def server_timing(self) -> str:
+        phases = [f"{name};dur={value:.2f}" for name, value in self.timings.items()]
+        return ", ".join([*phases, f"total;dur={self.elapsed_ms():.2f}"])
+
+    def _record(self, *, status_code: int, tokens: int, error_type: str = "") -> ledger.UsageRecord:
+        assert self.caller is not None
+        return ledger.UsageRecord(
+            caller=self.caller,
+            endpoint=self.endpoint,
+            model=self.model,
+            inputs=self.inputs,
+            tokens=tokens,
+            status_code=status_code,
+            latency_ms=self.elapsed_ms(),
+            request_id=self.request_id,
+            error_type=error_type,
+        )

@@ -1,0 +1,53 @@
+"""The bare per-request baseline: what a naive implementation of the original service does.
+
+A WSGI app with no framework, no authentication, no limits and no accounting: it parses the JSON
+body, calls `model.encode` once per request and answers the vector. bench/service.py runs it
+under gunicorn (sync workers) next to the real service, in the same run, as a yardstick.
+
+    BARE_MODEL=... BARE_QUANTIZATION=auto gunicorn -w 2 -b 127.0.0.1:PORT bench.bare_server:app
+
+BARE_MODEL=free answers a constant vector without any model (the framework-free ceiling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+_encode: Callable[[list[str]], Any] | None = None
+
+
+def _load() -> Callable[[list[str]], Any]:
+    model = os.environ.get("BARE_MODEL", "")
+    if model == "free":
+        vector = [0.1] * 384
+        return lambda texts: [vector for _ in texts]
+    import torch
+
+    from embeddings.runtime import load_encoder
+
+    torch.set_num_threads(int(os.environ.get("BARE_TORCH_THREADS", "1")))
+    encoder = load_encoder(
+        model_name=model,
+        quantization=os.environ.get("BARE_QUANTIZATION", "auto"),
+        max_seq_length=2048,
+        hf_token=None,
+    )
+    return lambda texts: encoder.model.encode(texts, batch_size=len(texts)).tolist()
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    global _encode
+    if _encode is None:
+        _encode = _load()
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = json.loads(environ["wsgi.input"].read(length) or b"{}")
+    texts = [body["text"]] if "text" in body else list(body.get("texts", []))
+    vectors = _encode(texts)
+    payload = json.dumps(
+        {"embedding": vectors[0]} if "text" in body else {"embeddings": vectors}
+    ).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [payload]
