@@ -57,7 +57,14 @@ def test_it_answers_or_refuses_everything_it_accepted_and_refuses_new_connection
     graceful = 10
     service = start_service(
         tmp_path,
-        env={"MODEL_QUANTIZATION": "fp32", "GUNICORN_GRACEFUL_TIMEOUT": str(graceful)},
+        env={
+            "MODEL_QUANTIZATION": "fp32",
+            "GUNICORN_GRACEFUL_TIMEOUT": str(graceful),
+            # One tenant queues all the work here: room for all of it, so what ends each
+            # request is the shutdown, not the batcher's per-tenant share (429).
+            "BATCH_QUEUE_MAX_TEXTS": "100000",
+            "BATCH_QUEUE_MAX_TOKENS": "100000000",
+        },
     )
     # About twice the model work the graceful timeout allows, measured on this machine now.
     started = time.monotonic()
