@@ -74,15 +74,16 @@ def test_it_builds_manifests_that_the_kubernetes_schema_accepts(
     assert result.returncode == 0, output
     passed = re.findall(r"passed for resource (\S+)", output)
     kinds = {name.split("/")[0] for name in passed}
-    assert {"deployment", "service", "horizontalpodautoscaler", "poddisruptionbudget", "job"} <= kinds
-    assert {"configmap", "secret"} <= kinds
+    assert {"deployment", "service", "horizontalpodautoscaler", "poddisruptionbudget"} <= kinds
+    assert {"job", "configmap", "secret"} <= kinds
     # The only resource without a Kubernetes schema is the Prometheus Operator's ServiceMonitor.
     unknown = re.findall(r"Couldn't find schema for kind (\w+)", output)
     assert set(unknown) <= {"ServiceMonitor"}, output
 
 
 def api_container(manifests: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    (container,) = manifests["Deployment", "embedplatform"]["spec"]["template"]["spec"]["containers"]
+    pod = manifests["Deployment", "embedplatform"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     return dict(container)
 
 
@@ -205,7 +206,8 @@ def test_it_takes_settings_and_secrets_that_the_service_documents(
     base: dict[tuple[str, str], dict[str, Any]],
     overlay: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
-    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    example = (ROOT / ".env.example").read_text()
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.MULTILINE))
     config = base["ConfigMap", "embedplatform"]["data"]
     secret = base["Secret", "embedplatform"]["stringData"]
     assert set(config) | set(secret) <= documented

@@ -69,7 +69,7 @@ def start_nginx(folder: Path, *, upstream: str) -> Proxy:
     includes the rendered template, as the nginx image's nginx.conf includes conf.d/."""
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
     if nginx is None:
-        pytest.fail("nginx is not installed: apt-get install nginx-light (scripts/system_packages.sh)")
+        pytest.fail("nginx is missing: apt-get install nginx-light (scripts/system_packages.sh)")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (folder / "embedplatform.conf").write_text(render_template(upstream=upstream, port=port))
@@ -96,8 +96,9 @@ http {{
 }}
 """
     )
+    command = [nginx, "-p", str(folder), "-c", str(folder / "nginx.conf")]
     process = subprocess.Popen(
-        [nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log")],
+        [*command, "-e", str(folder / "error.log")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -129,9 +130,7 @@ pytestmark = [pytest.mark.service, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture(scope="module")
 def gunicorn(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_service(
-        tmp_path_factory.mktemp("gunicorn"), env={"MODEL_QUANTIZATION": "fp32"}
-    )
+    service = start_service(tmp_path_factory.mktemp("gunicorn"), env={"MODEL_QUANTIZATION": "fp32"})
     yield service
     service.stop()
 
@@ -144,7 +143,9 @@ def proxy(gunicorn: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_it_fills_in_every_variable_of_the_template() -> None:
-    rendered = render_template(upstream="http://embedding-api:8000", port=8080, resolver="127.0.0.11")
+    rendered = render_template(
+        upstream="http://embedding-api:8000", port=8080, resolver="127.0.0.11"
+    )
     assert "${" not in rendered
     assert "set $embedplatform_upstream http://embedding-api:8000;" in rendered
     assert "resolver 127.0.0.11 valid=10s" in rendered
@@ -167,9 +168,7 @@ def test_it_serves_the_api_through_the_proxy_with_the_callers_request_id(
     assert '"request_id": "edge-trace-1"' in gunicorn.log()
 
 
-def test_it_gives_requests_without_a_usable_id_one_of_its_own(
-    proxy: Proxy, alice: Person
-) -> None:
+def test_it_gives_requests_without_a_usable_id_one_of_its_own(proxy: Proxy, alice: Person) -> None:
     response = requests.post(
         proxy.url + "/embed",
         json={"text": "no usable id"},
@@ -261,20 +260,25 @@ class SlowClients:
 def test_it_keeps_health_and_embed_answering_while_slow_clients_hold_connections(
     proxy: Proxy, alice: Person
 ) -> None:
-    # More slow connections than gunicorn has threads in all its workers.
+    def health_and_embed() -> float:
+        started = time.monotonic()
+        health = requests.get(proxy.url + "/health", timeout=10)
+        embed = requests.post(
+            proxy.url + "/embed", json={"text": "still served"}, headers=alice.headers, timeout=10
+        )
+        assert (health.status_code, embed.status_code) == (200, 200)
+        return time.monotonic() - started
+
+    baseline = [health_and_embed() for _ in range(3)]
+    # More slow connections than gunicorn has threads in all its workers: straight at gunicorn
+    # they would hold every thread until its timeout, and /health would time out with them.
     slow = SlowClients(proxy.port, headers=40, bodies=40, token=alice.token)
     try:
         time.sleep(2)
-        timings = []
-        for _ in range(5):
-            started = time.monotonic()
-            health = requests.get(proxy.url + "/health", timeout=10)
-            embed = requests.post(
-                proxy.url + "/embed", json={"text": "still served"}, headers=alice.headers, timeout=10
-            )
-            timings.append(time.monotonic() - started)
-            assert (health.status_code, embed.status_code) == (200, 200)
-        assert max(timings) < 2.0, timings
+        timings = [health_and_embed() for _ in range(5)]
+        alone, slowed = max(baseline), max(timings)
+        print(f"/health + /embed: {alone:.2f} s alone, {slowed:.2f} s with slow clients")
+        assert max(timings) < 5.0, timings
         # Slow headers are cut after client_header_timeout (10 s); slow bodies keep nginx busy,
         # never gunicorn.
         deadline = time.monotonic() + 20
@@ -289,7 +293,7 @@ def test_it_keeps_health_and_embed_answering_while_slow_clients_hold_connections
 
 
 class EchoHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         body = json.dumps({name.lower(): value for name, value in self.headers.items()}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -297,7 +301,7 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -363,9 +367,7 @@ def test_it_answers_malformed_requests_with_400_in_the_error_shape(echo_proxy: P
     assert error["code"] == "bad_request"
 
 
-def test_it_answers_many_concurrent_clients_through_one_worker(
-    proxy: Proxy, alice: Person
-) -> None:
+def test_it_answers_many_concurrent_clients_through_one_worker(proxy: Proxy, alice: Person) -> None:
     def one(i: int) -> int:
         return requests.post(
             proxy.url + "/embed", json={"text": f"client {i}"}, headers=alice.headers, timeout=60
