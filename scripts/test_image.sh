@@ -23,7 +23,8 @@
 # gets it through the Dockerfile's TORCH_INDEX_URL build argument.
 #
 # Environment: IMAGE_TEST_CACHE (default /var/cache/embedplatform-image-test: the Debian root and
-# the local torch index, reused between runs), IMAGE_TEST_KEEP=1 (leave the containers running).
+# the local torch index, reused between runs), IMAGE_TEST_KEEP=1 (leave the containers running),
+# IMAGE_TEST_SKIP_BUILD=1 (check the image the last run built, when iterating on the checks).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -126,6 +127,11 @@ cleanup() {
         if [ ${#compose_files[@]} -gt 0 ]; then
             compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1
         fi
+        # Whatever `compose down` could not remove.
+        local project="label=com.docker.compose.project=$PROJECT"
+        docker ps -aq --filter "$project" | xargs -r docker rm -fv >/dev/null
+        docker volume ls -q --filter "$project" | xargs -r docker volume rm >/dev/null
+        docker network ls -q --filter "$project" | xargs -r docker network rm >/dev/null
         # The legacy builder leaves each build stage behind as an untagged image.
         docker image prune -f >/dev/null
     fi
@@ -198,8 +204,11 @@ torch_index() {
         rm -rf "$index"
         mkdir -p "$index/wheels"
         # torch's own dependencies come from its index too, so they must be in this one.
-        python3 -m pip download --quiet --only-binary=:all: --dest "$index/wheels" "$wheel" ||
+        python3 -m pip download --quiet --only-binary=:all: --dest "$index/wheels" "$wheel" \
+            >"$work/pip-download.log" 2>&1 || {
+            cat "$work/pip-download.log" >&2
             die "could not download torch's dependencies"
+        }
         python3 - "$index" <<'PY'
 import re, sys
 from pathlib import Path
@@ -234,6 +243,12 @@ PY
 
 build_image() {
     local phase=$SECONDS
+    if [ "${IMAGE_TEST_SKIP_BUILD:-}" = "1" ] && docker image inspect "$TAG" >/dev/null 2>&1; then
+        say "IMAGE_TEST_SKIP_BUILD=1: checking the $TAG built before"
+        BUILD_SECONDS="(not built)"
+        IMAGE_MB=$(($(docker image inspect -f '{{.Size}}' "$TAG") / 1000000))
+        return 0
+    fi
     say "building $TAG from the Dockerfile (PYTHON_IMAGE=$PYTHON_IMAGE TORCH_INDEX_URL=$TORCH_INDEX_URL)"
     # The legacy builder: this engine's client has no buildx. --network host lets the build reach
     # the local torch index on 127.0.0.1.
@@ -334,31 +349,39 @@ image_checks() {
     check "scripts/test_api.sh passes against the container" \
         env BASE_URL="http://127.0.0.1:$port" JWT_TOKEN="$token" METRICS_TOKEN= scripts/test_api.sh
 
-    say "docker stop, then a new container on the same volumes"
+    say "docker stop, then a new container on the same volumes, read-only as on Kubernetes"
     docker stop -t 40 "$first" >/dev/null
     check "docker stop of an idle container exits 0" \
         test "$(docker inspect -f '{{.State.ExitCode}}' "$first")" = "0"
     port2="$(free_port)"
+    # As deploy/kubernetes runs it: read-only root, an empty /tmp, no capabilities.
     docker run -d --name "$second" --label embedplatform-image-test --volumes-from "$first" \
+        --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges -e HOME=/tmp \
         -p "127.0.0.1:$port2:8000" "$TAG" >/dev/null
-    wait_http "http://127.0.0.1:$port2/health" 300 || die "the second container never answered /health"
+    if ! wait_http "http://127.0.0.1:$port2/health" 300; then
+        docker logs --tail 40 "$second" >&2 2>&1
+        die "the container on a read-only root never answered /health"
+    fi
+    say "ok    a container on a read-only root filesystem with an empty /tmp serves /health"
     check "the database and secret in the /data/app volume outlive the container (old token works)" \
         test "$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token" \
             "http://127.0.0.1:$port2/usage")" = "200"
 
     say "docker stop during requests in flight"
-    long_batch 128 >"$work/batch.json"
+    # Enough work to be in flight half a second later on a fast machine, and little enough to
+    # finish within gunicorn's 30 s graceful timeout on a slow one.
+    long_batch 64 >"$work/batch.json"
     local i pids=()
     for i in 1 2 3 4 5 6; do
         (
             curl -sS -o /dev/null -w '%{http_code}' --max-time 120 -H "Authorization: Bearer $token" \
                 -H 'Content-Type: application/json' --data-binary "@$work/batch.json" \
-                "http://127.0.0.1:$port2/batch-embed" >"$work/inflight-$i" 2>&1
-            date +%s.%N >>"$work/inflight-$i"
+                "http://127.0.0.1:$port2/batch-embed" >"$work/inflight-$i" 2>"$work/inflight-$i.err"
+            printf '\n%s\n' "$(date +%s.%N)" >>"$work/inflight-$i"
         ) &
         pids+=($!)
     done
-    sleep 1.5
+    sleep 0.5
     local stop_at
     stop_at="$(date +%s.%N)"
     docker stop -t 40 "$second" >/dev/null
@@ -372,6 +395,10 @@ image_checks() {
         fi
     done
     say "in-flight statuses: $statuses($after of 6 finished after docker stop began)"
+    if [ "$statuses" != "200 200 200 200 200 200 " ]; then
+        cat "$work"/inflight-*.err >&2
+        docker logs --tail 30 "$second" >&2 2>&1
+    fi
     check "every request in flight at docker stop was answered 200" \
         test "$statuses" = "200 200 200 200 200 200 "
     check "requests were still in flight when docker stop began" test "$after" -gt 0
@@ -382,7 +409,9 @@ image_checks() {
 
 # --- The compose stack ---------------------------------------------------------------------------
 compose_bin=()
-compose() { "${compose_bin[@]}" -p "$PROJECT" "${compose_files[@]}" "$@"; }
+compose() {
+    "${compose_bin[@]}" -p "$PROJECT" --env-file "${EMBEDPLATFORM_ENV_FILE:-/dev/null}" "${compose_files[@]}" "$@"
+}
 find_compose() {
     if docker compose version >/dev/null 2>&1; then
         compose_bin=(docker compose)
@@ -420,7 +449,7 @@ EOF
         say "building the Debian stand-ins for postgres, redis, prometheus and nginx"
         for target in postgres redis prometheus nginx; do
             local image
-            image="$(compose --env-file "$EMBEDPLATFORM_ENV_FILE" config --images | grep "standin/$target:" | head -1)"
+            image="$(compose config --images | grep "standin/$target:" | head -1)"
             if ! DOCKER_BUILDKIT=0 docker build --network host --target "$target" \
                 --build-arg "BASE_IMAGE=$PYTHON_IMAGE" -t "$image" docker/standins \
                 >"$work/standin-$target.log" 2>&1; then
@@ -433,7 +462,7 @@ EOF
 
     local phase=$SECONDS
     say "docker compose up -d (proxy on 127.0.0.1:$API_PORT, Prometheus on 127.0.0.1:$PROMETHEUS_PORT)"
-    if ! compose --env-file "$EMBEDPLATFORM_ENV_FILE" up -d --no-build >"$work/up.log" 2>&1; then
+    if ! compose up -d --no-build >"$work/up.log" 2>&1; then
         cat "$work/up.log" >&2
         compose logs --tail 30 >&2 2>&1
         die "docker compose up failed"
@@ -460,7 +489,7 @@ EOF
 
     say "docker compose up --scale embedding-api=2"
     phase=$SECONDS
-    compose --env-file "$EMBEDPLATFORM_ENV_FILE" up -d --no-build --no-recreate \
+    compose up -d --no-build --no-recreate \
         --scale embedding-api=2 >"$work/scale.log" 2>&1 || {
         cat "$work/scale.log" >&2
         die "scaling failed"
@@ -497,7 +526,7 @@ prometheus_targets_up() {
         seen="$(curl -fsS --max-time 5 "http://127.0.0.1:$PROMETHEUS_PORT/api/v1/targets" 2>/dev/null |
             python3 -c 'import json, sys
 targets = [t for t in json.load(sys.stdin)["data"]["activeTargets"] if t["labels"]["job"] == "embedding-api"]
-print(" ".join(f"{t[\"labels\"][\"instance\"]}={t[\"health\"]}" for t in targets))' 2>/dev/null)" || true
+print(" ".join(t["labels"]["instance"] + "=" + t["health"] for t in targets))' 2>/dev/null)" || true
         if [ "$(wc -w <<<"$seen")" -eq "$1" ] && ! grep -qv '=up$' <<<"$(tr ' ' '\n' <<<"$seen")"; then
             say "      Prometheus targets: $seen"
             return 0
@@ -541,11 +570,11 @@ shared_limit_check() {
         test "$(wc -w <<<"$counts")" = 2 -a "$(grep -c '\b0\b' <<<"$counts")" = 0
     local usage
     usage="$(curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$API_PORT/usage")"
-    say "      /usage: $(head -c 300 <<<"$usage")"
-    check "the usage log counts each served request once" python3 -c 'import json, sys
-usage = json.loads(sys.argv[1])
-found = [v for k, v in usage.items() if k in {"requests", "requests_this_month", "total_requests"}]
-sys.exit(not found or found[0] != int(sys.argv[2]))' "$usage" "$limit"
+    say "      /usage this period: $(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["period"])' "$usage")"
+    check "the usage log counts each served request once, and no refused one" python3 -c 'import json, sys
+period = json.loads(sys.argv[1])["period"]
+sys.exit(period["requests"] != int(sys.argv[2]) or period["tokens"] % int(sys.argv[2]) != 0)' \
+        "$usage" "$limit"
 }
 
 # --- Run ---------------------------------------------------------------------------------------------
