@@ -25,7 +25,7 @@ sys.exit(m.version("torch").split("+")[0] != sys.argv[1])' "${pin#torch==}" 2>/d
         "$pin" 2>/dev/null; then
         return 0
     fi
-    echo "Installing the CPU build of $pin from $TORCH_INDEX_URL" >&2
+    echo "Installing $pin from $TORCH_INDEX_URL" >&2
     "$VENV/bin/pip" install --quiet --disable-pip-version-check --index-url "$TORCH_INDEX_URL" \
         "$pin"
 }
