@@ -76,7 +76,7 @@ start_engine() {
     # is put back as it was when the engine stops.
     mkdir -p "$engine_state"
     cat /proc/sys/net/ipv4/ip_forward >"$engine_state/ip_forward"
-    iptables-save >"$engine_state/iptables" 2>/dev/null || true
+    iptables -S FORWARD 2>/dev/null | sed -n 's/^-P FORWARD //p' >"$engine_state/forward_policy" || true
     say "starting dockerd (log: $work/dockerd.log)"
     dockerd >"$work/dockerd.log" 2>&1 &
     engine_pid=$!
@@ -95,6 +95,25 @@ start_engine() {
     say "dockerd $(docker version -f '{{.Server.Version}}') is up"
 }
 
+# dockerd's own rules and chains (DOCKER*, and the rules that jump to them or name its bridges),
+# and nothing else.
+remove_docker_iptables() {
+    local table rule chain
+    for table in filter nat; do
+        iptables -t "$table" -S 2>/dev/null |
+            grep -E -- '^-A (INPUT|FORWARD|OUTPUT|PREROUTING|POSTROUTING) .*(DOCKER|docker0|br-[0-9a-f]{12})' |
+            sed 's/^-A /-D /' | while read -r rule; do
+            eval "iptables -t $table $rule" 2>/dev/null || true
+        done
+        for chain in $(iptables -t "$table" -S 2>/dev/null | sed -n 's/^-N \(DOCKER[A-Z0-9_-]*\)$/\1/p'); do
+            iptables -t "$table" -F "$chain" 2>/dev/null || true
+        done
+        for chain in $(iptables -t "$table" -S 2>/dev/null | sed -n 's/^-N \(DOCKER[A-Z0-9_-]*\)$/\1/p'); do
+            iptables -t "$table" -X "$chain" 2>/dev/null || true
+        done
+    done
+}
+
 stop_engine() {
     [ -n "$engine_pid" ] || return 0
     kill "$engine_pid" 2>/dev/null || true
@@ -105,8 +124,9 @@ stop_engine() {
     done
     kill -9 "$engine_pid" 2>/dev/null || true
     engine_pid=""
-    if [ -f "$engine_state/iptables" ]; then
-        iptables-restore <"$engine_state/iptables" 2>/dev/null || true
+    remove_docker_iptables
+    if [ -s "$engine_state/forward_policy" ]; then
+        iptables -P FORWARD "$(cat "$engine_state/forward_policy")" 2>/dev/null || true
     fi
     if [ -f "$engine_state/ip_forward" ]; then
         cat "$engine_state/ip_forward" >/proc/sys/net/ipv4/ip_forward || true
