@@ -26,8 +26,12 @@ sys.exit(m.version("torch").split("+")[0] != sys.argv[1])' "${pin#torch==}" 2>/d
         return 0
     fi
     echo "Installing $pin from $TORCH_INDEX_URL" >&2
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --index-url "$TORCH_INDEX_URL" \
-        "$pin"
+    if ! "$VENV/bin/pip" install --quiet --disable-pip-version-check --retries 1 --timeout 20 \
+        --index-url "$TORCH_INDEX_URL" "$pin"; then
+        # Still a working torch, only a much bigger one.
+        echo "WARNING: $TORCH_INDEX_URL cannot be reached: torch comes from PyPI (a CUDA build" \
+            "on Linux, gigabytes larger). Set TORCH_INDEX_URL to a mirror of the CPU index." >&2
+    fi
 }
 
 ensure_venv() {
