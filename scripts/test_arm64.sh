@@ -176,10 +176,10 @@ PY
 phase=$SECONDS
 say "Neoverse-N1-like CPU (no bf16): every mode, auto must pick int8"
 use_cpu neoverse-n1
-guest bash -c 'cd /app && python /tmp/check_modes.py int8 fp32 int8 bf16 fp16 auto'
+guest bash -c 'cd /app && PYTHONPATH=/app python /tmp/check_modes.py int8 fp32 int8 bf16 fp16 auto'
 say "Neoverse-V1-like CPU (bf16): auto must pick bf16"
 use_cpu neoverse-v1
-guest bash -c 'cd /app && python /tmp/check_modes.py bf16 bf16 auto'
+guest bash -c 'cd /app && PYTHONPATH=/app python /tmp/check_modes.py bf16 bf16 auto'
 say "modes checked in $((SECONDS - phase))s"
 
 # --- The service, as the quick start runs it ------------------------------------------------------
