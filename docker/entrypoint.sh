@@ -10,6 +10,11 @@ here="$(dirname "$0")"
 for name in $(env | sed -n 's/^\([A-Z_][A-Z0-9_]*\)=$/\1/p'); do
     unset "$name"
 done
+# Prometheus's multiprocess files: every process (migrate.py included) writes there, and a /tmp
+# that is an empty volume (Kubernetes' read-only root) starts without the folder.
+if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+fi
 if [ "${RUN_MIGRATIONS:-true}" = "true" ]; then
     python "$here/migrate.py"
 fi

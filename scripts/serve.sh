@@ -8,6 +8,9 @@ source "$(dirname "$0")/_venv.sh"
 ensure_venv requirements.txt
 cd "$ROOT"
 export HF_HUB_DISABLE_TELEMETRY=1
+# glibc gives each thread its own heap arena otherwise, and a worker's memory grows by gigabytes
+# under large requests and stays there; the image sets the same.
+export MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}"
 "$VENV/bin/python" manage.py migrate --noinput
 "$VENV/bin/python" manage.py collectstatic --noinput --verbosity 0
 exec "$VENV/bin/gunicorn" -c embedplatform/gunicorn.conf.py

