@@ -130,6 +130,12 @@ _CODES = [
         _e("invalid_encoding", "Not UTF-8", "The request body is not valid UTF-8."),
         _e("invalid_body", "Not an object", "The request body must be a JSON object."),
         _e("bad_request", "Not understood", "The request could not be understood."),
+        _e(
+            "malformed_body",
+            "Body cut short",
+            "The request body could not be read: its chunked encoding is malformed or it ended "
+            "before its declared length.",
+        ),
     ),
     *_entries(
         401,
@@ -284,6 +290,12 @@ _CODES = [
             reason="CSRF token missing.",
         ),
         _e("forbidden", "Forbidden", "You do not have permission to do this."),
+        _e(
+            "invalid_tenant",
+            "Control characters in X-Tenant",
+            "The X-Tenant header holds control characters; it takes the id of a tenant you "
+            "belong to.",
+        ),
     ),
     *_entries(
         404,
@@ -491,6 +503,11 @@ _CODES = [
             "The Supabase project's signing keys cannot be fetched right now; try again shortly.",
         ),
         _e("not_ready", "Not ready", "Not ready: {failing}.", failing="model"),
+        _e(
+            "shutting_down",
+            "Shutting down",
+            "This server is shutting down; retry and another will answer.",
+        ),
     ),
     *_entries(
         500,
