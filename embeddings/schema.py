@@ -17,15 +17,19 @@ from typing import Any
 
 from drf_spectacular.extensions import OpenApiViewExtension
 from drf_spectacular.openapi import AutoSchema
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 
 from embeddings import serializers as io
 from embeddings.schema_fields import PRODUCTION_MODEL, ServedModel, served_model
+from embedplatform.error_codes import CATALOGUE
+from embedplatform.errors import ErrorSerializer, openai_status
 from embedplatform.schema import (
     RATE_LIMIT_HEADERS,
     REQUEST_ID_IN,
     REQUEST_ID_OUT,
     SERVER_TIMING,
+    STATUS_DESCRIPTIONS,
     WWW_AUTHENTICATE,
     X_TENANT,
     error_responses,
@@ -67,9 +71,41 @@ def _response(serializer: Any, description: str, *examples: OpenApiExample) -> O
     return OpenApiResponse(response=serializer, description=description, examples=list(examples))
 
 
+def openai_error_responses(*codes: str) -> dict[int, OpenApiResponse]:
+    """As `error_responses`, with the statuses OpenAI's API gives them (400 for every invalid
+    request, where the original API answers 422 or 413)."""
+    descriptions = {
+        **STATUS_DESCRIPTIONS,
+        400: "An invalid request (OpenAI's status for it): a body that is not a JSON object, a "
+        "missing or invalid field, more inputs than allowed, an input too long with `truncate: "
+        "false`; `param` names the field and `code` says what is wrong.",
+        413: "The body is larger than the server accepts (`DATA_UPLOAD_MAX_MEMORY_SIZE`).",
+    }
+    by_status: dict[int, list[OpenApiExample]] = {}
+    for code in codes:
+        body = CATALOGUE[code].example_body()
+        status = openai_status(CATALOGUE[code].status, body)
+        by_status.setdefault(status, []).append(OpenApiExample(CATALOGUE[code].title, value=body))
+    return {
+        status: OpenApiResponse(
+            response=ErrorSerializer, description=descriptions[status], examples=examples
+        )
+        for status, examples in sorted(by_status.items())
+    }
+
+
 # --- Operations -------------------------------------------------------------------------------
+TRUNCATED_INPUTS = OpenApiParameter(
+    "x-truncated-inputs",
+    OpenApiTypes.INT,
+    OpenApiParameter.HEADER,
+    response=[200],
+    required=True,
+    description="How many of the request's inputs were cut to the model's max_seq_length "
+    "tokens (0: none). `usage` counts the tokens actually embedded.",
+)
 EMBED_HEADERS = [X_TENANT, REQUEST_ID_IN, REQUEST_ID_OUT, SERVER_TIMING, WWW_AUTHENTICATE]
-EMBED_HEADERS += RATE_LIMIT_HEADERS
+EMBED_HEADERS += [*RATE_LIMIT_HEADERS, TRUNCATED_INPUTS]
 EMBED_ERRORS = (
     "invalid_json",
     "invalid_body",
@@ -88,6 +124,7 @@ EMBED_ERRORS = (
     "invalid",
     "invalid_dimensions",
     "invalid_prompt_name",
+    "input_too_long",
     "rate_limit_exceeded",
     "insufficient_quota",
     "model_not_ready",
@@ -134,6 +171,7 @@ def embed_operation(model: ServedModel) -> dict[str, Any]:
                         "embedding": [0.0213, -0.0871, 0.0542, 0.0117],
                         "model": model.name,
                         "dimensions": model.dimensions,
+                        "truncated": False,
                         "usage": _usage(9),
                     },
                 ),
@@ -175,6 +213,7 @@ def batch_embed_operation(model: ServedModel) -> dict[str, Any]:
                         "embeddings": [[0.0213, -0.0871], [0.0412, 0.0038], [-0.0167, 0.0725]],
                         "model": model.name,
                         "dimensions": model.dimensions,
+                        "truncated": [False, False, False],
                         "usage": _usage(12),
                     },
                 ),
@@ -264,7 +303,7 @@ def openai_operation(model: ServedModel) -> dict[str, Any]:
                     },
                 ),
             ),
-            **error_responses(*OPENAI_ERRORS),
+            **openai_error_responses(*OPENAI_ERRORS),
         },
     }
 

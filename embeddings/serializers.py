@@ -20,6 +20,7 @@ from rest_framework.fields import ProhibitNullCharactersValidator
 from embedplatform.error_codes import CATALOGUE
 
 ENCODING_FORMATS = ("float", "base64")
+TRUNCATION_DIRECTIONS = ("right", "left")
 # What check_text accepts, as JSON Schema: at least one character that is not whitespace.
 TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": r"\S"}
 
@@ -93,7 +94,7 @@ class ModelNameField(StrictCharField):
 
 class TextListField(serializers.ListField):
     """Texts; at most MAX_TEXTS_PER_REQUEST, or the tenant's lower limit (checked by
-    services.embed, which answers 413)."""
+    services.embed, which answers 413; on /v1 at most OPENAI_MAX_INPUTS_PER_REQUEST, 400)."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("child", TextField())
@@ -102,7 +103,8 @@ class TextListField(serializers.ListField):
 
 
 class PromptAndDimensionsSerializer(serializers.Serializer):
-    """The options every embed endpoint takes, OpenAI's included."""
+    """The options every embed endpoint takes, OpenAI's included: prompt, dimensions and
+    truncation."""
 
     prompt_name = PromptNameField(
         required=False,
@@ -117,6 +119,23 @@ class PromptAndDimensionsSerializer(serializers.Serializer):
         min_value=1,
         help_text="Matryoshka truncation: keep the first N dimensions (1 to the model's own, e.g. "
         "768, 512, 256 or 128 for EmbeddingGemma), re-normalised to unit length.",
+    )
+
+    truncate = StrictBooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Whether an input longer than the model reads (its max_seq_length tokens, "
+        "see GET /health) is cut to fit (true) or refused (false: 422, 400 on /v1). Unset: "
+        "the server's TRUNCATE_INPUTS (true by default). Cut inputs are counted in the "
+        "x-truncated-inputs header.",
+    )
+    truncation_direction = serializers.ChoiceField(
+        choices=TRUNCATION_DIRECTIONS,
+        required=False,
+        default="right",
+        help_text="Which end of an over-long input is cut: right keeps its start, left its end "
+        "(a task prompt is always kept).",
     )
 
 
@@ -139,7 +158,8 @@ class BatchEmbedInputSerializer(EmbedOptionsSerializer):
 
 class UsageSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField(
-        help_text="Tokens of the texts (with their prompt), as charged to the tenant's quota."
+        help_text="Tokens embedded (the texts with their prompt and special tokens, after "
+        "truncation), as charged to the tenant's quota."
     )
     total_tokens = serializers.IntegerField(help_text="The same: embedding has no output tokens.")
 
@@ -150,6 +170,9 @@ class EmbedOutputSerializer(serializers.Serializer):
     )
     model = serializers.CharField(help_text="The model that made it.")
     dimensions = serializers.IntegerField(help_text="The embedding's length.")
+    truncated = serializers.BooleanField(
+        help_text="Whether the text was cut to the model's max_seq_length tokens."
+    )
     usage = UsageSerializer(help_text="What the request was charged.")
 
 
@@ -160,6 +183,11 @@ class BatchEmbedOutputSerializer(serializers.Serializer):
     )
     model = serializers.CharField(help_text="The model that made them.")
     dimensions = serializers.IntegerField(help_text="The length of each embedding.")
+    truncated = serializers.ListField(
+        child=serializers.BooleanField(),
+        help_text="Per text, in the order of `texts`: whether it was cut to the model's "
+        "max_seq_length tokens.",
+    )
     usage = UsageSerializer(help_text="What the request was charged.")
 
 
@@ -206,7 +234,11 @@ def _is_token_id(value: Any) -> bool:
 class OpenAIEmbeddingInputSerializer(PromptAndDimensionsSerializer):
     """OpenAI's request; `prompt_name` is ours, as on /embed."""
 
-    input = OpenAIInputField(help_text="A string, an array of strings, or token-id array(s).")
+    input = OpenAIInputField(
+        help_text="A string, an array of strings, or token-id array(s) (tiktoken cl100k_base "
+        "ids unless TOKEN_ID_INPUT=native); at most OPENAI_MAX_INPUTS_PER_REQUEST (2048) "
+        "items, or the tenant's lower limit."
+    )
     model = ModelNameField(
         required=False,
         allow_null=True,
@@ -250,7 +282,9 @@ class OpenAIEmbeddingSerializer(serializers.Serializer):
 
 
 class OpenAIUsageSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField(help_text="Tokens charged to the tenant's quota.")
+    prompt_tokens = serializers.IntegerField(
+        help_text="Tokens embedded (after truncation), as charged to the tenant's quota."
+    )
     total_tokens = serializers.IntegerField(help_text="The same as `prompt_tokens`.")
 
 

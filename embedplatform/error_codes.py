@@ -423,6 +423,15 @@ _CODES = [
             value="int8",
         ),
         _e(
+            "input_too_long",
+            "Input too long",
+            "{param}: This input has {tokens} tokens; the model reads at most {limit} tokens per "
+            "input. Shorten it, or send truncate: true to have it cut.",
+            param="texts[1]",
+            tokens=3120,
+            limit=2048,
+        ),
+        _e(
             "invalid_dimensions",
             "Unsupported dimensions",
             "dimensions must be between 1 and {native} for this model, not {dimensions}.",

@@ -207,7 +207,12 @@ def _charge(params: dict[str, object]) -> int | None:
     return None if row is None else int(row[0])
 
 
-def log_refusal(*, record: UsageRecord) -> None:
-    """A refused request is logged, and charged nothing."""
+def log_uncharged(*, record: UsageRecord) -> None:
+    """A usage row with zero tokens: a refused request, or one that costs nothing."""
     with connection.cursor() as cursor:
         cursor.execute(_LOG_SQL, replace(record, tokens=0).params())
+
+
+def log_refusal(*, record: UsageRecord) -> None:
+    """A refused request is logged, and charged nothing."""
+    log_uncharged(record=record)
