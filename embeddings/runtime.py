@@ -98,6 +98,18 @@ class Tokenized:
         return None
 
 
+@dataclass(frozen=True)
+class TokenPiece:
+    """One token of a text as the tokenizer splits it: `text[start:stop]` is what it stands for
+    (empty for special tokens, which stand for no text)."""
+
+    id: int
+    text: str
+    special: bool
+    start: int
+    stop: int
+
+
 class Encoder(Protocol):
     """What the API needs from a model. The real one wraps sentence-transformers."""
 
@@ -116,6 +128,10 @@ class Encoder(Protocol):
     def encode_tokenized(self, inputs: list[Any], prompt: str) -> np.ndarray: ...
 
     def decode_token_ids(self, token_ids: list[int]) -> str: ...
+
+    def token_pieces(self, texts: list[str], *, add_special_tokens: bool) -> list[list[TokenPiece]]:
+        """Each whole text's tokens (never truncated), for /tokenize."""
+        ...
 
 
 @dataclass
@@ -284,7 +300,40 @@ class SentenceTransformerEncoder:
         return self.encode_tokenized(self.tokenize(texts, prompt=prompt).inputs, prompt)
 
     def decode_token_ids(self, token_ids: list[int]) -> str:
-        return self.model.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return str(self.model.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def token_pieces(self, texts: list[str], *, add_special_tokens: bool) -> list[list[TokenPiece]]:
+        encoded = self.model.tokenizer(
+            texts,
+            add_special_tokens=add_special_tokens,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_special_tokens_mask=True,
+            return_offsets_mapping=True,
+            verbose=False,
+        )
+        rows = zip(
+            texts,
+            encoded["input_ids"],
+            encoded["special_tokens_mask"],
+            encoded["offset_mapping"],
+            strict=True,
+        )
+        return [
+            [
+                TokenPiece(
+                    id=int(token_id),
+                    text="" if special else text[start:stop],
+                    special=bool(special),
+                    start=int(start),
+                    stop=int(stop),
+                )
+                for token_id, special, (start, stop) in zip(ids, mask, offsets, strict=True)
+            ]
+            for text, ids, mask, offsets in rows
+        ]
 
 
 def _cut(text: str, budget: int, direction: TruncationDirection) -> str:

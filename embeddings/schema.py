@@ -51,10 +51,14 @@ def prompt_option(model: ServedModel, preferred: str) -> dict[str, str]:
 EMBED_EXAMPLE: dict[str, Any] = {"text": "안녕하세요, 반갑습니다!"}
 BATCH_EMBED_EXAMPLE: dict[str, Any] = {"texts": ["첫 번째", "두 번째", "세 번째"]}
 OPENAI_EXAMPLE: dict[str, Any] = {"input": ["첫 번째", "두 번째", "세 번째"]}
+TOKENIZE_EXAMPLE: dict[str, Any] = {"inputs": "안녕하세요, 반갑습니다!", "return_offsets": True}
+DECODE_EXAMPLE: dict[str, Any] = {"ids": [[2, 9259]]}
 FORM_EXAMPLES: dict[str, dict[str, Any]] = {
     "embed": EMBED_EXAMPLE,
     "batch_embed": BATCH_EMBED_EXAMPLE,
     "openai_embeddings": OPENAI_EXAMPLE,
+    "tokenize": TOKENIZE_EXAMPLE,
+    "decode": DECODE_EXAMPLE,
 }
 
 
@@ -308,6 +312,97 @@ def openai_operation(model: ServedModel) -> dict[str, Any]:
     }
 
 
+TOKENIZER_ERRORS = (
+    "invalid_json",
+    "invalid_body",
+    "missing_credentials",
+    "invalid_api_key",
+    "not_a_member",
+    "tenant_inactive",
+    "too_many_inputs",
+    "request_too_large",
+    "unsupported_media_type",
+    "empty_text",
+    "invalid",
+    "rate_limit_exceeded",
+    "model_not_ready",
+    "rate_limit_unavailable",
+)
+TOKENIZER_HEADERS = [X_TENANT, REQUEST_ID_IN, REQUEST_ID_OUT, SERVER_TIMING, WWW_AUTHENTICATE]
+TOKENIZER_HEADERS += RATE_LIMIT_HEADERS
+
+
+def tokenize_operation(model: ServedModel) -> dict[str, Any]:
+    return {
+        "tags": ["Tokenizer"],
+        "summary": "Tokenize texts",
+        "description": "The served model's tokenizer, as text-embeddings-inference offers it: "
+        "each text's token ids, whole (never truncated), and with `return_offsets` each "
+        "token's text and character offsets; `max_seq_length` is how many tokens per input the "
+        "model reads. For chunking text to the model's limit before embedding it. Counts "
+        "against requests per minute and is logged; charged no tokens.",
+        "request": io.TokenizeInputSerializer,
+        "parameters": TOKENIZER_HEADERS,
+        "examples": [
+            _request_example("With offsets", TOKENIZE_EXAMPLE),
+            _request_example("Several texts", {"inputs": ["첫 번째", "두 번째"]}),
+        ],
+        "responses": {
+            200: _response(
+                io.TokenizeOutputSerializer,
+                "Token ids per text, in order.",
+                OpenApiExample(
+                    "With offsets (shortened)",
+                    value={
+                        "data": [
+                            {
+                                "ids": [2, 9259],
+                                "pieces": [
+                                    {"id": 2, "text": "", "special": True, "start": 0, "stop": 0},
+                                    {
+                                        "id": 9259,
+                                        "text": "안녕",
+                                        "special": False,
+                                        "start": 0,
+                                        "stop": 2,
+                                    },
+                                ],
+                            }
+                        ],
+                        "model": model.name,
+                        "max_seq_length": model.max_seq_length,
+                    },
+                ),
+            ),
+            **error_responses(*TOKENIZER_ERRORS),
+        },
+    }
+
+
+def decode_operation(model: ServedModel) -> dict[str, Any]:
+    return {
+        "tags": ["Tokenizer"],
+        "summary": "Decode token ids",
+        "description": "Text of each list of token ids of the served model (special tokens "
+        "left out), as text-embeddings-inference's /decode. Counts against requests per minute "
+        "and is logged; charged no tokens.",
+        "request": io.DecodeInputSerializer,
+        "parameters": TOKENIZER_HEADERS,
+        "examples": [
+            _request_example("One text", {"ids": [2, 9259]}),
+            _request_example("Several texts", {"ids": [[2, 9259], [2, 9259, 1]]}),
+        ],
+        "responses": {
+            200: _response(
+                io.DecodeOutputSerializer,
+                "One text per id list, in order.",
+                OpenApiExample("Texts", value={"texts": ["안녕"], "model": model.name}),
+            ),
+            **error_responses(*TOKENIZER_ERRORS, "invalid_token_id"),
+        },
+    }
+
+
 def health_operation(model: ServedModel) -> dict[str, Any]:
     from embeddings.health import HealthSerializer
 
@@ -389,6 +484,20 @@ class OpenAIEmbeddingsViewSchema(_DescribedView):
 
     def operation(self, model: ServedModel) -> dict[str, Any]:
         return openai_operation(model)
+
+
+class TokenizeViewSchema(_DescribedView):
+    target_class = "embeddings.tokenizer_api.TokenizeView"
+
+    def operation(self, model: ServedModel) -> dict[str, Any]:
+        return tokenize_operation(model)
+
+
+class DecodeViewSchema(_DescribedView):
+    target_class = "embeddings.tokenizer_api.DecodeView"
+
+    def operation(self, model: ServedModel) -> dict[str, Any]:
+        return decode_operation(model)
 
 
 class HealthViewSchema(_DescribedView):

@@ -127,3 +127,38 @@ class OpenAIInputSchema(OpenApiSerializerFieldExtension):
                 },
             ],
         }
+
+
+class TokenizeInputsSchema(OpenApiSerializerFieldExtension):
+    target_class = "embeddings.serializers.TokenizeInputsField"
+
+    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
+        return {
+            "oneOf": [
+                {**io.TEXT_SCHEMA, "description": "One text."},
+                {**_texts_schema(), "description": "Several texts."},
+            ]
+        }
+
+
+class DecodeIdsSchema(OpenApiSerializerFieldExtension):
+    target_class = "embeddings.serializers.DecodeIdsField"
+
+    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
+        model = served_model()
+        token_id: dict[str, Any] = {"type": "integer", "minimum": 0}
+        if model is not None:
+            token_id["maximum"] = model.vocab_size - 1
+        token_ids = {"type": "array", "items": token_id, "minItems": 1}
+        return {
+            "oneOf": [
+                {**token_ids, "description": "One text's token ids."},
+                {
+                    "type": "array",
+                    "items": token_ids,
+                    "minItems": 1,
+                    "maxItems": settings.MAX_TEXTS_PER_REQUEST,
+                    "description": "Several texts' token ids.",
+                },
+            ]
+        }

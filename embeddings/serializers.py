@@ -293,3 +293,110 @@ class OpenAIEmbeddingOutputSerializer(serializers.Serializer):
     data = OpenAIEmbeddingSerializer(many=True, help_text="One item per input, in order.")
     model = serializers.CharField(help_text="The model that made them.")
     usage = OpenAIUsageSerializer(help_text="What the request was charged.")
+
+
+# --- /tokenize and /decode (text-embeddings-inference's) -----------------------------------------
+class TokenizeInputsField(serializers.Field):
+    """A text, or a list of texts (TEI's `inputs`); internally always a list."""
+
+    default_error_messages = {
+        "invalid": CATALOGUE["invalid"].detail(4),
+        "empty": CATALOGUE["empty"].detail(),
+    }
+
+    def to_internal_value(self, data: Any) -> list[str]:
+        if isinstance(data, str):
+            return [check_text(data)]
+        if not isinstance(data, list):
+            self.fail("invalid")
+        if not data:
+            self.fail("empty")
+        if not all(isinstance(item, str) for item in data):
+            self.fail("invalid")
+        return [check_text(item) for item in data]
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class TokenizeInputSerializer(serializers.Serializer):
+    inputs = TokenizeInputsField(
+        help_text="A text, or a list of texts (at most the tenant's texts per request)."
+    )
+    add_special_tokens = StrictBooleanField(
+        required=False,
+        default=True,
+        help_text="Include the model's special tokens ([CLS], [SEP], <bos>, ...), as the model "
+        "reads them.",
+    )
+    return_offsets = StrictBooleanField(
+        required=False,
+        default=False,
+        help_text="Also return each token's text and character offsets (`pieces`).",
+    )
+
+
+class TokenPieceSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="The token id.")
+    text = serializers.CharField(help_text="`input[start:stop]`; empty for a special token.")
+    special = serializers.BooleanField(help_text="Whether it is a special token.")
+    start = serializers.IntegerField(help_text="Offset of its first character in the text.")
+    stop = serializers.IntegerField(help_text="Offset just past its last character.")
+
+
+class TokenizedTextSerializer(serializers.Serializer):
+    ids = serializers.ListField(
+        child=serializers.IntegerField(), help_text="The text's token ids, never truncated."
+    )
+    pieces = TokenPieceSerializer(
+        many=True, required=False, help_text="With `return_offsets`: one item per id."
+    )
+
+
+class TokenizeOutputSerializer(serializers.Serializer):
+    data = TokenizedTextSerializer(many=True, help_text="One item per text, in order.")
+    model = serializers.CharField(help_text="The served model, whose tokenizer this is.")
+    max_seq_length = serializers.IntegerField(
+        help_text="The most tokens per input the model reads (special tokens and prompt "
+        "included); longer inputs are truncated or refused (`truncate`)."
+    )
+
+
+class DecodeIdsField(serializers.Field):
+    """Token ids, or a list of token-id lists; internally always a list of lists."""
+
+    default_error_messages = {
+        "invalid": CATALOGUE["invalid"].detail(5),
+        "empty": CATALOGUE["empty"].detail(),
+    }
+
+    def to_internal_value(self, data: Any) -> list[list[int]]:
+        if not isinstance(data, list):
+            self.fail("invalid")
+        if not data:
+            self.fail("empty")
+        rows = [data] if all(_is_token_id(item) for item in data) else data
+        for row in rows:
+            if not isinstance(row, list) or not all(_is_token_id(item) for item in row):
+                self.fail("invalid")
+            if not row:
+                self.fail("empty")
+        return [list(row) for row in rows]
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class DecodeInputSerializer(serializers.Serializer):
+    ids = DecodeIdsField(
+        help_text="Token ids of the served model, or a list of such lists (at most the "
+        "tenant's texts per request)."
+    )
+
+
+class DecodeOutputSerializer(serializers.Serializer):
+    texts = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="One text per id list, in order; special tokens are left out.",
+    )
+    model = serializers.CharField(help_text="The served model, whose tokenizer this is.")

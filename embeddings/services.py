@@ -16,7 +16,14 @@ import numpy as np
 from django.conf import settings
 
 from accounts.metering.meter import Meter
-from embeddings.runtime import InputTooLong, Runtime, Tokenized, TruncationDirection, get_runtime
+from embeddings.runtime import (
+    InputTooLong,
+    Runtime,
+    Tokenized,
+    TokenPiece,
+    TruncationDirection,
+    get_runtime,
+)
 from embedplatform.error_codes import CATALOGUE
 from embedplatform.errors import InvalidField, ServiceUnavailable
 
@@ -169,3 +176,35 @@ def embed(
         prompt_tokens=meter.tokens,
         truncated=list(tokenized.truncated),
     )
+
+
+def tokenize_texts(
+    *, meter: Meter, texts: list[str], add_special_tokens: bool
+) -> tuple[Runtime, list[list[TokenPiece]]]:
+    """Each whole text's tokens with the served model's tokenizer (never truncated: a client
+    chunking text to the model's limit needs to see how far over it is). Costs no tokens."""
+    runtime = require_runtime()
+    meter.check_inputs(count=len(texts), param="inputs")
+    with meter.timed("tokenize"):
+        pieces = runtime.encoder.token_pieces(texts, add_special_tokens=add_special_tokens)
+    meter.served_uncharged()
+    return runtime, pieces
+
+
+def decode_ids(*, meter: Meter, rows: list[list[int]]) -> tuple[Runtime, list[str]]:
+    """Each row of token ids of the served model back into text. Costs no tokens."""
+    runtime = require_runtime()
+    meter.check_inputs(count=len(rows), param="ids")
+    vocab = runtime.encoder.vocab_size
+    single = len(rows) == 1
+    for index, row in enumerate(rows):
+        for position, token_id in enumerate(row):
+            if token_id >= vocab:
+                param = f"ids[{position}]" if single else f"ids[{index}][{position}]"
+                raise CATALOGUE["invalid_token_id"].error(
+                    param=param, variant=2, token_id=token_id, last=vocab - 1
+                )
+    with meter.timed("tokenize"):
+        texts = [runtime.encoder.decode_token_ids(row) for row in rows]
+    meter.served_uncharged()
+    return runtime, texts

@@ -383,6 +383,8 @@ _CODES = [
             "{param}: Must be a valid boolean.",
             "{param}: Input must be a string, an array of strings, an array of token ids or an "
             "array of token-id arrays.",
+            "{param}: Inputs must be a string or an array of strings.",
+            "{param}: Ids must be an array of token ids or an array of token-id arrays.",
             param="text",
         ),
         _e("required", "Missing field", "{param}: This field is required.", param="text"),
@@ -454,6 +456,7 @@ _CODES = [
             "arrays are read as OpenAI's tiktoken ids; TOKEN_ID_INPUT=native reads them as the "
             "served model's).",
             "input[{position}] holds a token id outside this model's vocabulary (0-{last}).",
+            "{param}: Token id {token_id} is outside this model's vocabulary (0-{last}).",
             position=0,
             token_id=100256,
             last=262143,
