@@ -22,6 +22,9 @@ def post(person: Person, path: str, body: dict[str, Any]) -> Any:
     )
 
 
+caps: list[int | None] = []
+
+
 @pytest.fixture
 def submissions(fake_encoder: FakeEncoder, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of texts of each submission to the model's queue, and the cap it carried."""
@@ -32,9 +35,11 @@ def submissions(fake_encoder: FakeEncoder, monkeypatch: pytest.MonkeyPatch) -> l
 
     def spy(tokenized: runtime.Tokenized, **kwargs: Any) -> Any:
         sizes.append(len(tokenized.inputs))
+        caps.append(kwargs.get("max_texts_in_flight"))
         return embed(tokenized, **kwargs)
 
     monkeypatch.setattr(served, "embed", spy)
+    caps.clear()
     return sizes
 
 
@@ -93,3 +98,23 @@ def test_it_lets_a_plan_or_tenant_lower_it(alice: Person, fake_encoder: FakeEnco
     tenant.max_texts_per_request = 3
     tenant.save(update_fields=["max_texts_per_request"])
     assert post(alice, "/v1/embeddings", {"input": ["a"] * 4}).status_code == 400
+
+
+def test_it_holds_a_tenant_to_its_plans_texts_in_flight(
+    alice: Person, fake_encoder: FakeEncoder, submissions: list[int]
+) -> None:
+    tenant = alice.tenant
+    tenant.plan = Plan.objects.create(name="narrow", max_texts_in_flight=100)
+    tenant.save(update_fields=["plan"])
+
+    body = post(alice, "/v1/embeddings", {"input": [f"t {i}" for i in range(250)]}).json()
+
+    assert len(body["data"]) == 250
+    assert submissions == [100, 100, 50]  # never more in the queue than the plan allows
+    assert caps == [100, 100, 100]
+    tenant.max_texts_in_flight = 30  # a tenant's own value overrides its plan's
+    tenant.save(update_fields=["max_texts_in_flight"])
+    submissions.clear()
+    post(alice, "/batch-embed", {"texts": ["a"] * 70})
+    assert submissions == [30, 30, 10]
+    assert caps[-1] == 30
