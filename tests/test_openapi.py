@@ -29,6 +29,8 @@ OPERATIONS = [
     ("/batch-embed", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS),
     ("/v1/embeddings", "post", {"bearerAuth", "staffSession"}, OPENAI_ERRORS),
     ("/embeddings", "post", {"bearerAuth", "staffSession"}, OPENAI_ERRORS),
+    ("/tokenize", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS),
+    ("/decode", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS),
     ("/usage", "get", {"bearerAuth", "staffSession"}, {"401", "403"}),
     ("/health", "get", set(), {"503"}),
     ("/metrics", "get", {"metricsToken"}, {"401"}),

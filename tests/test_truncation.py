@@ -154,3 +154,21 @@ def test_it_cuts_the_side_truncation_direction_names(alice: Person, minilm: Any)
     assert float(right @ head) > 0.99
     assert float(left @ tail) > 0.99
     assert float(left @ right) < 0.5
+
+
+def test_it_shows_browsers_the_truncation_header(
+    alice: Person, fake_encoder: FakeEncoder, settings: Any
+) -> None:
+    settings.CORS_ALLOWED_ORIGINS = ["https://app.example.com"]
+
+    response = Client().post(
+        "/embed",
+        json.dumps({"text": LONG}),
+        content_type="application/json",
+        HTTP_ORIGIN="https://app.example.com",
+        **alice.client_headers,
+    )
+
+    assert response["x-truncated-inputs"] == "1"
+    exposed = response["Access-Control-Expose-Headers"].lower().split(", ")
+    assert "x-truncated-inputs" in exposed
