@@ -113,13 +113,21 @@ class TokenPiece:
 class Encoder(Protocol):
     """What the API needs from a model. The real one wraps sentence-transformers."""
 
-    name: str
-    dtype: str
-    dimensions: int
-    max_seq_length: int
-    prompts: dict[str, str]
-    default_prompt_name: str | None
-    vocab_size: int
+    # Read-only: the real encoder derives them from its model.
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def dimensions(self) -> int: ...
+    @property
+    def max_seq_length(self) -> int: ...
+    @property
+    def prompts(self) -> dict[str, str]: ...
+    @property
+    def default_prompt_name(self) -> str | None: ...
+    @property
+    def vocab_size(self) -> int: ...
 
     def tokenize(
         self, texts: list[str], *, prompt: str, truncation_direction: TruncationDirection = "right"
@@ -164,7 +172,8 @@ class SentenceTransformerEncoder:
 
     @property
     def default_prompt_name(self) -> str | None:
-        return self.model.default_prompt_name
+        name = self.model.default_prompt_name
+        return None if name is None else str(name)
 
     @property
     def vocab_size(self) -> int:
@@ -382,7 +391,7 @@ def accepted_model_names(served: str) -> set[str]:
 def torch_threads() -> int:
     """TORCH_THREADS, else this worker's share of the cores (gunicorn.conf.py sets both)."""
     if settings.TORCH_THREADS > 0:
-        return settings.TORCH_THREADS
+        return int(settings.TORCH_THREADS)
     return torch_threads_per_worker(settings.WEB_CONCURRENCY)
 
 

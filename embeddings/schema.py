@@ -246,7 +246,8 @@ class OpenAIEmbeddingsAutoSchema(AutoSchema):
             return "Create embeddings (OpenAI-compatible, without /v1)"
         return OPENAI_SUMMARY
 
-    def get_description(self) -> str:
+    # drf-spectacular calls it without arguments; the DRF stubs type the base class.
+    def get_description(self) -> str:  # type: ignore[override]
         if self.path == ALIAS_PATH:
             return (
                 "The same as `POST /v1/embeddings`, for OpenAI-compatible clients configured "

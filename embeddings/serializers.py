@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
-from rest_framework.fields import ProhibitNullCharactersValidator
 
 from embedplatform.error_codes import CATALOGUE
 
@@ -290,7 +290,7 @@ class OpenAIUsageSerializer(serializers.Serializer):
 
 class OpenAIEmbeddingOutputSerializer(serializers.Serializer):
     object = serializers.CharField(default="list", help_text="Always `list`.")
-    data = OpenAIEmbeddingSerializer(many=True, help_text="One item per input, in order.")
+    data = OpenAIEmbeddingSerializer(many=True, help_text="One item per input, in order.")  # type: ignore[assignment]
     model = serializers.CharField(help_text="The model that made them.")
     usage = OpenAIUsageSerializer(help_text="What the request was charged.")
 
@@ -354,7 +354,7 @@ class TokenizedTextSerializer(serializers.Serializer):
 
 
 class TokenizeOutputSerializer(serializers.Serializer):
-    data = TokenizedTextSerializer(many=True, help_text="One item per text, in order.")
+    data = TokenizedTextSerializer(many=True, help_text="One item per text, in order.")  # type: ignore[assignment]
     model = serializers.CharField(help_text="The served model, whose tokenizer this is.")
     max_seq_length = serializers.IntegerField(
         help_text="The most tokens per input the model reads (special tokens and prompt "
