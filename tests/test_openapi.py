@@ -346,6 +346,7 @@ def test_it_states_the_validations_limits_for_the_served_model(
     db: None, fake_encoder: Any, settings: Any
 ) -> None:
     settings.MAX_TEXTS_PER_REQUEST = 7
+    settings.OPENAI_MAX_INPUTS_PER_REQUEST = 9
     components = json.loads(Client().get("/openapi.json").content)["components"]["schemas"]
 
     embed = components["EmbedInput"]["properties"]
@@ -358,7 +359,13 @@ def test_it_states_the_validations_limits_for_the_served_model(
     openai = components["OpenAIEmbeddingInput"]["properties"]
     one, several, token_ids, token_arrays = openai["input"]["oneOf"]
     assert one["pattern"] == several["items"]["pattern"] == r"\S"
-    assert (several["maxItems"], token_arrays["maxItems"]) == (7, 7)
+    assert (several["maxItems"], token_arrays["maxItems"]) == (9, 9)  # OpenAI's ceiling
+    truncate = components["EmbedInput"]["properties"]["truncate"]
+    assert truncate["type"] == "boolean"
+    tokenize = components["TokenizeInput"]["properties"]["inputs"]["oneOf"]
+    assert tokenize[1]["maxItems"] == 7
+    decode = components["DecodeInput"]["properties"]["ids"]["oneOf"]
+    assert decode[0]["items"]["maximum"] == fake_encoder.vocab_size - 1
     assert token_ids["items"]["maximum"] == fake_encoder.vocab_size - 1
     model_names = components[openai["model"]["allOf"][0]["$ref"].rsplit("/", 1)[1]]
     assert "fake-model" in model_names["enum"]
