@@ -150,8 +150,11 @@ def embed_operation(model: ServedModel) -> dict[str, Any]:
         "summary": "Embed one text",
         "description": "Embeds `text` with the served model (EmbeddingGemma in production). "
         "`prompt_name` prepends one of the model's task prompts (see `GET /health`); "
-        "`dimensions` keeps the first N dimensions (Matryoshka) and re-normalises. The tokens "
-        "are charged to the tenant's quota.",
+        "`dimensions` keeps the first N dimensions (Matryoshka) and re-normalises. A text "
+        "longer than the model reads is cut (`truncate`, default `TRUNCATE_INPUTS`; "
+        "`truncation_direction`) and `truncated` says so, or refused with 422 "
+        "`input_too_long` when `truncate` is false. The tokens embedded are charged to the "
+        "tenant's quota.",
         "request": io.EmbedInputSerializer,
         "parameters": EMBED_HEADERS,
         "examples": [
@@ -233,7 +236,12 @@ OPENAI_DESCRIPTION = (
     "api_key='<Supabase JWT or API key>').embeddings.create(model=..., input=...)` works "
     "unchanged, `encoding_format='base64'` (the client's default) included. `model` may be "
     "omitted; another model than the served one is a 404. Embeddings are always unit length. "
-    "Besides OpenAI's fields, `prompt_name` selects a task prompt as on `/embed`."
+    "Besides OpenAI's fields, `prompt_name` selects a task prompt as on `/embed`, and "
+    "`truncate`/`truncation_direction` say what happens to an input longer than the model "
+    "reads (`x-truncated-inputs` counts the inputs cut). At most "
+    "`OPENAI_MAX_INPUTS_PER_REQUEST` (2048) inputs, or the tenant's lower limit. As on "
+    "OpenAI's API, every invalid request is a 400 (the original `/embed` and `/batch-embed` "
+    "answer 422, and 413 for too many texts)."
 )
 ALIAS_PATH = "/embeddings"
 
