@@ -241,7 +241,7 @@ def test_it_serves_the_openai_client_in_both_encodings(
     vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
     if encoding_format == "base64":
         # Asked for explicitly, base64 comes back as sent: little-endian float32.
-        vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in vectors]  # type: ignore[arg-type]
+        vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in vectors]  # type: ignore[arg-type,misc]
     compare(reference, vectors, client="openai (sync)", mode=encoding_format, sent=sent)
 
 
@@ -444,6 +444,7 @@ def test_it_gives_langchain_the_right_vectors(
     check_embedding_ctx_length: bool,
 ) -> None:
     from langchain_openai import OpenAIEmbeddings
+    from pydantic import SecretStr
 
     options: dict[str, Any] = {}
     if not check_embedding_ctx_length:
@@ -451,7 +452,7 @@ def test_it_gives_langchain_the_right_vectors(
     # Only what a user must set: where, who, which model. Everything else is LangChain's default
     # (check_embedding_ctx_length=True sends cl100k_base token arrays).
     embeddings = OpenAIEmbeddings(
-        model=SHORT, base_url=recorder.url + "/v1", api_key=alice.token, **options
+        model=SHORT, base_url=recorder.url + "/v1", api_key=SecretStr(alice.token), **options
     )
     documents = embeddings.embed_documents(TEXTS)
     sent = recorder.sent()
@@ -480,7 +481,7 @@ def test_it_gives_langchain_the_right_vectors(
 def test_it_gives_llamaindex_openai_embedding_the_right_vectors(
     offline_clients: Path, recorder: Recorder, alice: Person, reference: Any
 ) -> None:
-    from llama_index.embeddings.openai import OpenAIEmbedding
+    from llama_index.embeddings.openai import OpenAIEmbedding  # type: ignore[import-untyped]
 
     # OpenAIEmbedding takes only OpenAI's model names: MODEL_ALIASES lets one stand for ours.
     model = OpenAIEmbedding(model=ALIAS, api_base=recorder.url + "/v1", api_key=alice.token)
@@ -500,7 +501,7 @@ def test_it_gives_llamaindex_openai_embedding_the_right_vectors(
 def test_it_gives_llamaindex_openai_like_embedding_the_right_vectors(
     offline_clients: Path, recorder: Recorder, alice: Person, reference: Any
 ) -> None:
-    from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+    from llama_index.embeddings.openai_like import OpenAILikeEmbedding  # type: ignore[import-untyped]
 
     model = OpenAILikeEmbedding(
         model_name=SHORT, api_base=recorder.url + "/v1", api_key=alice.token
@@ -508,7 +509,7 @@ def test_it_gives_llamaindex_openai_like_embedding_the_right_vectors(
     vectors = model.get_text_embedding_batch(TEXTS)
 
     async def query() -> list[float]:
-        return await model.aget_query_embedding(TEXTS[1])
+        return list(await model.aget_query_embedding(TEXTS[1]))
 
     vectors.append(asyncio.run(query()))
     sent = recorder.sent()

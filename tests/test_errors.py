@@ -143,7 +143,7 @@ def limited_alice(alice: Person) -> Person:
     return alice
 
 
-def post(path: str, body: Any, headers: dict[str, str], content_type: str = "") -> Any:
+def post(path: str, body: Any, headers: dict[str, Any], content_type: str = "") -> Any:
     data = body if isinstance(body, str) else json.dumps(body)
     return Client().post(path, data, content_type=content_type or "application/json", **headers)
 
