@@ -42,6 +42,7 @@ _LIMIT_FIELDS = (
     "tokens_per_minute",
     "monthly_token_quota",
     "max_texts_per_request",
+    "max_texts_in_flight",
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -28,6 +29,15 @@ class Plan(models.Model):
     tokens_per_minute = models.PositiveBigIntegerField(null=True, blank=True)
     monthly_token_quota = models.PositiveBigIntegerField(null=True, blank=True)
     max_texts_per_request = models.PositiveIntegerField(null=True, blank=True)
+    # Texts the tenant may have waiting for the model in one worker at once (429 beyond it);
+    # empty: half the worker's queue (BATCH_QUEUE_MAX_TEXTS).
+    max_texts_in_flight = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Texts one tenant may have waiting for the model in a worker at once; empty: "
+        "half the worker's queue (BATCH_QUEUE_MAX_TEXTS).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -59,6 +69,15 @@ class Tenant(models.Model):
     tokens_per_minute = models.PositiveBigIntegerField(null=True, blank=True)
     monthly_token_quota = models.PositiveBigIntegerField(null=True, blank=True)
     max_texts_per_request = models.PositiveIntegerField(null=True, blank=True)
+    # Texts the tenant may have waiting for the model in one worker at once (429 beyond it);
+    # empty: half the worker's queue (BATCH_QUEUE_MAX_TEXTS).
+    max_texts_in_flight = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Texts one tenant may have waiting for the model in a worker at once; empty: "
+        "half the worker's queue (BATCH_QUEUE_MAX_TEXTS).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

@@ -21,6 +21,10 @@ class Limits:
     tokens_per_minute: int
     monthly_token_quota: int
     max_texts_per_request: int
+    # /v1/embeddings: OpenAI's ceiling, lowered by a plan's or tenant's own max_texts_per_request.
+    max_openai_inputs_per_request: int
+    # Texts this tenant may have waiting for the model in one worker; None: the batcher's share.
+    max_texts_in_flight: int | None = None
 
 
 def effective_limits(tenant: Tenant) -> Limits:
@@ -43,6 +47,18 @@ def effective_limits(tenant: Tenant) -> Limits:
         max_texts_per_request=min(
             pick("max_texts_per_request", settings.MAX_TEXTS_PER_REQUEST),
             settings.MAX_TEXTS_PER_REQUEST,
+        ),
+        max_openai_inputs_per_request=min(
+            pick("max_texts_per_request", settings.OPENAI_MAX_INPUTS_PER_REQUEST),
+            settings.OPENAI_MAX_INPUTS_PER_REQUEST,
+        ),
+        max_texts_in_flight=next(
+            (
+                int(value)
+                for source in (tenant, plan)
+                if (value := getattr(source, "max_texts_in_flight", None)) is not None
+            ),
+            None,
         ),
     )
 

@@ -98,16 +98,36 @@ class Tokenized:
         return None
 
 
+@dataclass(frozen=True)
+class TokenPiece:
+    """One token of a text as the tokenizer splits it: `text[start:stop]` is what it stands for
+    (empty for special tokens, which stand for no text)."""
+
+    id: int
+    text: str
+    special: bool
+    start: int
+    stop: int
+
+
 class Encoder(Protocol):
     """What the API needs from a model. The real one wraps sentence-transformers."""
 
-    name: str
-    dtype: str
-    dimensions: int
-    max_seq_length: int
-    prompts: dict[str, str]
-    default_prompt_name: str | None
-    vocab_size: int
+    # Read-only: the real encoder derives them from its model.
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def dimensions(self) -> int: ...
+    @property
+    def max_seq_length(self) -> int: ...
+    @property
+    def prompts(self) -> dict[str, str]: ...
+    @property
+    def default_prompt_name(self) -> str | None: ...
+    @property
+    def vocab_size(self) -> int: ...
 
     def tokenize(
         self, texts: list[str], *, prompt: str, truncation_direction: TruncationDirection = "right"
@@ -116,6 +136,10 @@ class Encoder(Protocol):
     def encode_tokenized(self, inputs: list[Any], prompt: str) -> np.ndarray: ...
 
     def decode_token_ids(self, token_ids: list[int]) -> str: ...
+
+    def token_pieces(self, texts: list[str], *, add_special_tokens: bool) -> list[list[TokenPiece]]:
+        """Each whole text's tokens (never truncated), for /tokenize."""
+        ...
 
 
 @dataclass
@@ -148,7 +172,8 @@ class SentenceTransformerEncoder:
 
     @property
     def default_prompt_name(self) -> str | None:
-        return self.model.default_prompt_name
+        name = self.model.default_prompt_name
+        return None if name is None else str(name)
 
     @property
     def vocab_size(self) -> int:
@@ -284,7 +309,40 @@ class SentenceTransformerEncoder:
         return self.encode_tokenized(self.tokenize(texts, prompt=prompt).inputs, prompt)
 
     def decode_token_ids(self, token_ids: list[int]) -> str:
-        return self.model.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return str(self.model.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def token_pieces(self, texts: list[str], *, add_special_tokens: bool) -> list[list[TokenPiece]]:
+        encoded = self.model.tokenizer(
+            texts,
+            add_special_tokens=add_special_tokens,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_special_tokens_mask=True,
+            return_offsets_mapping=True,
+            verbose=False,
+        )
+        rows = zip(
+            texts,
+            encoded["input_ids"],
+            encoded["special_tokens_mask"],
+            encoded["offset_mapping"],
+            strict=True,
+        )
+        return [
+            [
+                TokenPiece(
+                    id=int(token_id),
+                    text="" if special else text[start:stop],
+                    special=bool(special),
+                    start=int(start),
+                    stop=int(stop),
+                )
+                for token_id, special, (start, stop) in zip(ids, mask, offsets, strict=True)
+            ]
+            for text, ids, mask, offsets in rows
+        ]
 
 
 def _cut(text: str, budget: int, direction: TruncationDirection) -> str:
@@ -333,7 +391,7 @@ def accepted_model_names(served: str) -> set[str]:
 def torch_threads() -> int:
     """TORCH_THREADS, else this worker's share of the cores (gunicorn.conf.py sets both)."""
     if settings.TORCH_THREADS > 0:
-        return settings.TORCH_THREADS
+        return int(settings.TORCH_THREADS)
     return torch_threads_per_worker(settings.WEB_CONCURRENCY)
 
 

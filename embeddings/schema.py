@@ -17,15 +17,19 @@ from typing import Any
 
 from drf_spectacular.extensions import OpenApiViewExtension
 from drf_spectacular.openapi import AutoSchema
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 
 from embeddings import serializers as io
 from embeddings.schema_fields import PRODUCTION_MODEL, ServedModel, served_model
+from embedplatform.error_codes import CATALOGUE
+from embedplatform.errors import ErrorSerializer, openai_status
 from embedplatform.schema import (
     RATE_LIMIT_HEADERS,
     REQUEST_ID_IN,
     REQUEST_ID_OUT,
     SERVER_TIMING,
+    STATUS_DESCRIPTIONS,
     WWW_AUTHENTICATE,
     X_TENANT,
     error_responses,
@@ -47,10 +51,14 @@ def prompt_option(model: ServedModel, preferred: str) -> dict[str, str]:
 EMBED_EXAMPLE: dict[str, Any] = {"text": "안녕하세요, 반갑습니다!"}
 BATCH_EMBED_EXAMPLE: dict[str, Any] = {"texts": ["첫 번째", "두 번째", "세 번째"]}
 OPENAI_EXAMPLE: dict[str, Any] = {"input": ["첫 번째", "두 번째", "세 번째"]}
+TOKENIZE_EXAMPLE: dict[str, Any] = {"inputs": "안녕하세요, 반갑습니다!", "return_offsets": True}
+DECODE_EXAMPLE: dict[str, Any] = {"ids": [[2, 9259]]}
 FORM_EXAMPLES: dict[str, dict[str, Any]] = {
     "embed": EMBED_EXAMPLE,
     "batch_embed": BATCH_EMBED_EXAMPLE,
     "openai_embeddings": OPENAI_EXAMPLE,
+    "tokenize": TOKENIZE_EXAMPLE,
+    "decode": DECODE_EXAMPLE,
 }
 
 
@@ -67,9 +75,41 @@ def _response(serializer: Any, description: str, *examples: OpenApiExample) -> O
     return OpenApiResponse(response=serializer, description=description, examples=list(examples))
 
 
+def openai_error_responses(*codes: str) -> dict[int, OpenApiResponse]:
+    """As `error_responses`, with the statuses OpenAI's API gives them (400 for every invalid
+    request, where the original API answers 422 or 413)."""
+    descriptions = {
+        **STATUS_DESCRIPTIONS,
+        400: "An invalid request (OpenAI's status for it): a body that is not a JSON object, a "
+        "missing or invalid field, more inputs than allowed, an input too long with `truncate: "
+        "false`; `param` names the field and `code` says what is wrong.",
+        413: "The body is larger than the server accepts (`DATA_UPLOAD_MAX_MEMORY_SIZE`).",
+    }
+    by_status: dict[int, list[OpenApiExample]] = {}
+    for code in codes:
+        body = CATALOGUE[code].example_body()
+        status = openai_status(CATALOGUE[code].status, body)
+        by_status.setdefault(status, []).append(OpenApiExample(CATALOGUE[code].title, value=body))
+    return {
+        status: OpenApiResponse(
+            response=ErrorSerializer, description=descriptions[status], examples=examples
+        )
+        for status, examples in sorted(by_status.items())
+    }
+
+
 # --- Operations -------------------------------------------------------------------------------
+TRUNCATED_INPUTS = OpenApiParameter(
+    "x-truncated-inputs",
+    OpenApiTypes.INT,
+    OpenApiParameter.HEADER,
+    response=[200],
+    required=True,
+    description="How many of the request's inputs were cut to the model's max_seq_length "
+    "tokens (0: none). `usage` counts the tokens actually embedded.",
+)
 EMBED_HEADERS = [X_TENANT, REQUEST_ID_IN, REQUEST_ID_OUT, SERVER_TIMING, WWW_AUTHENTICATE]
-EMBED_HEADERS += RATE_LIMIT_HEADERS
+EMBED_HEADERS += [*RATE_LIMIT_HEADERS, TRUNCATED_INPUTS]
 EMBED_ERRORS = (
     "invalid_json",
     "invalid_body",
@@ -88,6 +128,7 @@ EMBED_ERRORS = (
     "invalid",
     "invalid_dimensions",
     "invalid_prompt_name",
+    "input_too_long",
     "rate_limit_exceeded",
     "insufficient_quota",
     "model_not_ready",
@@ -109,8 +150,11 @@ def embed_operation(model: ServedModel) -> dict[str, Any]:
         "summary": "Embed one text",
         "description": "Embeds `text` with the served model (EmbeddingGemma in production). "
         "`prompt_name` prepends one of the model's task prompts (see `GET /health`); "
-        "`dimensions` keeps the first N dimensions (Matryoshka) and re-normalises. The tokens "
-        "are charged to the tenant's quota.",
+        "`dimensions` keeps the first N dimensions (Matryoshka) and re-normalises. A text "
+        "longer than the model reads is cut (`truncate`, default `TRUNCATE_INPUTS`; "
+        "`truncation_direction`) and `truncated` says so, or refused with 422 "
+        "`input_too_long` when `truncate` is false. The tokens embedded are charged to the "
+        "tenant's quota.",
         "request": io.EmbedInputSerializer,
         "parameters": EMBED_HEADERS,
         "examples": [
@@ -134,6 +178,7 @@ def embed_operation(model: ServedModel) -> dict[str, Any]:
                         "embedding": [0.0213, -0.0871, 0.0542, 0.0117],
                         "model": model.name,
                         "dimensions": model.dimensions,
+                        "truncated": False,
                         "usage": _usage(9),
                     },
                 ),
@@ -175,6 +220,7 @@ def batch_embed_operation(model: ServedModel) -> dict[str, Any]:
                         "embeddings": [[0.0213, -0.0871], [0.0412, 0.0038], [-0.0167, 0.0725]],
                         "model": model.name,
                         "dimensions": model.dimensions,
+                        "truncated": [False, False, False],
                         "usage": _usage(12),
                     },
                 ),
@@ -190,7 +236,12 @@ OPENAI_DESCRIPTION = (
     "api_key='<Supabase JWT or API key>').embeddings.create(model=..., input=...)` works "
     "unchanged, `encoding_format='base64'` (the client's default) included. `model` may be "
     "omitted; another model than the served one is a 404. Embeddings are always unit length. "
-    "Besides OpenAI's fields, `prompt_name` selects a task prompt as on `/embed`."
+    "Besides OpenAI's fields, `prompt_name` selects a task prompt as on `/embed`, and "
+    "`truncate`/`truncation_direction` say what happens to an input longer than the model "
+    "reads (`x-truncated-inputs` counts the inputs cut). At most "
+    "`OPENAI_MAX_INPUTS_PER_REQUEST` (2048) inputs, or the tenant's lower limit. As on "
+    "OpenAI's API, every invalid request is a 400 (the original `/embed` and `/batch-embed` "
+    "answer 422, and 413 for too many texts)."
 )
 ALIAS_PATH = "/embeddings"
 
@@ -203,7 +254,8 @@ class OpenAIEmbeddingsAutoSchema(AutoSchema):
             return "Create embeddings (OpenAI-compatible, without /v1)"
         return OPENAI_SUMMARY
 
-    def get_description(self) -> str:
+    # drf-spectacular calls it without arguments; the DRF stubs type the base class.
+    def get_description(self) -> str:  # type: ignore[override]
         if self.path == ALIAS_PATH:
             return (
                 "The same as `POST /v1/embeddings`, for OpenAI-compatible clients configured "
@@ -264,7 +316,98 @@ def openai_operation(model: ServedModel) -> dict[str, Any]:
                     },
                 ),
             ),
-            **error_responses(*OPENAI_ERRORS),
+            **openai_error_responses(*OPENAI_ERRORS),
+        },
+    }
+
+
+TOKENIZER_ERRORS = (
+    "invalid_json",
+    "invalid_body",
+    "missing_credentials",
+    "invalid_api_key",
+    "not_a_member",
+    "tenant_inactive",
+    "too_many_inputs",
+    "request_too_large",
+    "unsupported_media_type",
+    "empty_text",
+    "invalid",
+    "rate_limit_exceeded",
+    "model_not_ready",
+    "rate_limit_unavailable",
+)
+TOKENIZER_HEADERS = [X_TENANT, REQUEST_ID_IN, REQUEST_ID_OUT, SERVER_TIMING, WWW_AUTHENTICATE]
+TOKENIZER_HEADERS += RATE_LIMIT_HEADERS
+
+
+def tokenize_operation(model: ServedModel) -> dict[str, Any]:
+    return {
+        "tags": ["Tokenizer"],
+        "summary": "Tokenize texts",
+        "description": "The served model's tokenizer, as text-embeddings-inference offers it: "
+        "each text's token ids, whole (never truncated), and with `return_offsets` each "
+        "token's text and character offsets; `max_seq_length` is how many tokens per input the "
+        "model reads. For chunking text to the model's limit before embedding it. Counts "
+        "against requests per minute and is logged; charged no tokens.",
+        "request": io.TokenizeInputSerializer,
+        "parameters": TOKENIZER_HEADERS,
+        "examples": [
+            _request_example("With offsets", TOKENIZE_EXAMPLE),
+            _request_example("Several texts", {"inputs": ["첫 번째", "두 번째"]}),
+        ],
+        "responses": {
+            200: _response(
+                io.TokenizeOutputSerializer,
+                "Token ids per text, in order.",
+                OpenApiExample(
+                    "With offsets (shortened)",
+                    value={
+                        "data": [
+                            {
+                                "ids": [2, 9259],
+                                "pieces": [
+                                    {"id": 2, "text": "", "special": True, "start": 0, "stop": 0},
+                                    {
+                                        "id": 9259,
+                                        "text": "안녕",
+                                        "special": False,
+                                        "start": 0,
+                                        "stop": 2,
+                                    },
+                                ],
+                            }
+                        ],
+                        "model": model.name,
+                        "max_seq_length": model.max_seq_length,
+                    },
+                ),
+            ),
+            **error_responses(*TOKENIZER_ERRORS),
+        },
+    }
+
+
+def decode_operation(model: ServedModel) -> dict[str, Any]:
+    return {
+        "tags": ["Tokenizer"],
+        "summary": "Decode token ids",
+        "description": "Text of each list of token ids of the served model (special tokens "
+        "left out), as text-embeddings-inference's /decode. Counts against requests per minute "
+        "and is logged; charged no tokens.",
+        "request": io.DecodeInputSerializer,
+        "parameters": TOKENIZER_HEADERS,
+        "examples": [
+            _request_example("One text", {"ids": [2, 9259]}),
+            _request_example("Several texts", {"ids": [[2, 9259], [2, 9259, 1]]}),
+        ],
+        "responses": {
+            200: _response(
+                io.DecodeOutputSerializer,
+                "One text per id list, in order.",
+                OpenApiExample("Texts", value={"texts": ["안녕"], "model": model.name}),
+            ),
+            **error_responses(*TOKENIZER_ERRORS, "invalid_token_id"),
         },
     }
 
@@ -350,6 +493,20 @@ class OpenAIEmbeddingsViewSchema(_DescribedView):
 
     def operation(self, model: ServedModel) -> dict[str, Any]:
         return openai_operation(model)
+
+
+class TokenizeViewSchema(_DescribedView):
+    target_class = "embeddings.tokenizer_api.TokenizeView"
+
+    def operation(self, model: ServedModel) -> dict[str, Any]:
+        return tokenize_operation(model)
+
+
+class DecodeViewSchema(_DescribedView):
+    target_class = "embeddings.tokenizer_api.DecodeView"
+
+    def operation(self, model: ServedModel) -> dict[str, Any]:
+        return decode_operation(model)
 
 
 class HealthViewSchema(_DescribedView):

@@ -88,12 +88,12 @@ class ModelNameSchema(OpenApiSerializerFieldExtension):
         return schema
 
 
-def _texts_schema() -> dict[str, Any]:
+def _texts_schema(most: int | None = None) -> dict[str, Any]:
     return {
         "type": "array",
         "items": io.TEXT_SCHEMA,
         "minItems": 1,
-        "maxItems": settings.MAX_TEXTS_PER_REQUEST,
+        "maxItems": settings.MAX_TEXTS_PER_REQUEST if most is None else most,
     }
 
 
@@ -113,17 +113,53 @@ class OpenAIInputSchema(OpenApiSerializerFieldExtension):
         if model is not None:
             token_id["maximum"] = model.vocab_size - 1
         token_ids = {"type": "array", "items": token_id, "minItems": 1}
+        most = settings.OPENAI_MAX_INPUTS_PER_REQUEST  # OpenAI's ceiling, not the original API's
         return {
             "oneOf": [
                 {**io.TEXT_SCHEMA, "description": "One text."},
-                {**_texts_schema(), "description": "Several texts."},
+                {**_texts_schema(most), "description": "Several texts."},
                 {**token_ids, "description": "One text as token ids."},
                 {
                     "type": "array",
                     "items": token_ids,
                     "minItems": 1,
-                    "maxItems": settings.MAX_TEXTS_PER_REQUEST,
+                    "maxItems": most,
                     "description": "Several texts as token ids.",
                 },
             ],
+        }
+
+
+class TokenizeInputsSchema(OpenApiSerializerFieldExtension):
+    target_class = "embeddings.serializers.TokenizeInputsField"
+
+    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
+        return {
+            "oneOf": [
+                {**io.TEXT_SCHEMA, "description": "One text."},
+                {**_texts_schema(), "description": "Several texts."},
+            ]
+        }
+
+
+class DecodeIdsSchema(OpenApiSerializerFieldExtension):
+    target_class = "embeddings.serializers.DecodeIdsField"
+
+    def map_serializer_field(self, auto_schema: AutoSchema, direction: str) -> dict[str, Any]:
+        model = served_model()
+        token_id: dict[str, Any] = {"type": "integer", "minimum": 0}
+        if model is not None:
+            token_id["maximum"] = model.vocab_size - 1
+        token_ids = {"type": "array", "items": token_id, "minItems": 1}
+        return {
+            "oneOf": [
+                {**token_ids, "description": "One text's token ids."},
+                {
+                    "type": "array",
+                    "items": token_ids,
+                    "minItems": 1,
+                    "maxItems": settings.MAX_TEXTS_PER_REQUEST,
+                    "description": "Several texts' token ids.",
+                },
+            ]
         }

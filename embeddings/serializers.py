@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
-from rest_framework.fields import ProhibitNullCharactersValidator
 
 from embedplatform.error_codes import CATALOGUE
 
 ENCODING_FORMATS = ("float", "base64")
+TRUNCATION_DIRECTIONS = ("right", "left")
 # What check_text accepts, as JSON Schema: at least one character that is not whitespace.
 TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": r"\S"}
 
@@ -93,7 +94,7 @@ class ModelNameField(StrictCharField):
 
 class TextListField(serializers.ListField):
     """Texts; at most MAX_TEXTS_PER_REQUEST, or the tenant's lower limit (checked by
-    services.embed, which answers 413)."""
+    services.embed, which answers 413; on /v1 at most OPENAI_MAX_INPUTS_PER_REQUEST, 400)."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("child", TextField())
@@ -102,7 +103,8 @@ class TextListField(serializers.ListField):
 
 
 class PromptAndDimensionsSerializer(serializers.Serializer):
-    """The options every embed endpoint takes, OpenAI's included."""
+    """The options every embed endpoint takes, OpenAI's included: prompt, dimensions and
+    truncation."""
 
     prompt_name = PromptNameField(
         required=False,
@@ -117,6 +119,23 @@ class PromptAndDimensionsSerializer(serializers.Serializer):
         min_value=1,
         help_text="Matryoshka truncation: keep the first N dimensions (1 to the model's own, e.g. "
         "768, 512, 256 or 128 for EmbeddingGemma), re-normalised to unit length.",
+    )
+
+    truncate = StrictBooleanField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Whether an input longer than the model reads (its max_seq_length tokens, "
+        "see GET /health) is cut to fit (true) or refused (false: 422, 400 on /v1). Unset: "
+        "the server's TRUNCATE_INPUTS (true by default). Cut inputs are counted in the "
+        "x-truncated-inputs header.",
+    )
+    truncation_direction = serializers.ChoiceField(
+        choices=TRUNCATION_DIRECTIONS,
+        required=False,
+        default="right",
+        help_text="Which end of an over-long input is cut: right keeps its start, left its end "
+        "(a task prompt is always kept).",
     )
 
 
@@ -139,7 +158,8 @@ class BatchEmbedInputSerializer(EmbedOptionsSerializer):
 
 class UsageSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField(
-        help_text="Tokens of the texts (with their prompt), as charged to the tenant's quota."
+        help_text="Tokens embedded (the texts with their prompt and special tokens, after "
+        "truncation), as charged to the tenant's quota."
     )
     total_tokens = serializers.IntegerField(help_text="The same: embedding has no output tokens.")
 
@@ -150,6 +170,9 @@ class EmbedOutputSerializer(serializers.Serializer):
     )
     model = serializers.CharField(help_text="The model that made it.")
     dimensions = serializers.IntegerField(help_text="The embedding's length.")
+    truncated = serializers.BooleanField(
+        help_text="Whether the text was cut to the model's max_seq_length tokens."
+    )
     usage = UsageSerializer(help_text="What the request was charged.")
 
 
@@ -160,6 +183,11 @@ class BatchEmbedOutputSerializer(serializers.Serializer):
     )
     model = serializers.CharField(help_text="The model that made them.")
     dimensions = serializers.IntegerField(help_text="The length of each embedding.")
+    truncated = serializers.ListField(
+        child=serializers.BooleanField(),
+        help_text="Per text, in the order of `texts`: whether it was cut to the model's "
+        "max_seq_length tokens.",
+    )
     usage = UsageSerializer(help_text="What the request was charged.")
 
 
@@ -206,7 +234,11 @@ def _is_token_id(value: Any) -> bool:
 class OpenAIEmbeddingInputSerializer(PromptAndDimensionsSerializer):
     """OpenAI's request; `prompt_name` is ours, as on /embed."""
 
-    input = OpenAIInputField(help_text="A string, an array of strings, or token-id array(s).")
+    input = OpenAIInputField(
+        help_text="A string, an array of strings, or token-id array(s) (tiktoken cl100k_base "
+        "ids unless TOKEN_ID_INPUT=native); at most OPENAI_MAX_INPUTS_PER_REQUEST (2048) "
+        "items, or the tenant's lower limit."
+    )
     model = ModelNameField(
         required=False,
         allow_null=True,
@@ -250,12 +282,121 @@ class OpenAIEmbeddingSerializer(serializers.Serializer):
 
 
 class OpenAIUsageSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField(help_text="Tokens charged to the tenant's quota.")
+    prompt_tokens = serializers.IntegerField(
+        help_text="Tokens embedded (after truncation), as charged to the tenant's quota."
+    )
     total_tokens = serializers.IntegerField(help_text="The same as `prompt_tokens`.")
 
 
 class OpenAIEmbeddingOutputSerializer(serializers.Serializer):
     object = serializers.CharField(default="list", help_text="Always `list`.")
-    data = OpenAIEmbeddingSerializer(many=True, help_text="One item per input, in order.")
+    data = OpenAIEmbeddingSerializer(many=True, help_text="One item per input, in order.")  # type: ignore[assignment]
     model = serializers.CharField(help_text="The model that made them.")
     usage = OpenAIUsageSerializer(help_text="What the request was charged.")
+
+
+# --- /tokenize and /decode (text-embeddings-inference's) -----------------------------------------
+class TokenizeInputsField(serializers.Field):
+    """A text, or a list of texts (TEI's `inputs`); internally always a list."""
+
+    default_error_messages = {
+        "invalid": CATALOGUE["invalid"].detail(4),
+        "empty": CATALOGUE["empty"].detail(),
+    }
+
+    def to_internal_value(self, data: Any) -> list[str]:
+        if isinstance(data, str):
+            return [check_text(data)]
+        if not isinstance(data, list):
+            self.fail("invalid")
+        if not data:
+            self.fail("empty")
+        if not all(isinstance(item, str) for item in data):
+            self.fail("invalid")
+        return [check_text(item) for item in data]
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class TokenizeInputSerializer(serializers.Serializer):
+    inputs = TokenizeInputsField(
+        help_text="A text, or a list of texts (at most the tenant's texts per request)."
+    )
+    add_special_tokens = StrictBooleanField(
+        required=False,
+        default=True,
+        help_text="Include the model's special tokens ([CLS], [SEP], <bos>, ...), as the model "
+        "reads them.",
+    )
+    return_offsets = StrictBooleanField(
+        required=False,
+        default=False,
+        help_text="Also return each token's text and character offsets (`pieces`).",
+    )
+
+
+class TokenPieceSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="The token id.")
+    text = serializers.CharField(help_text="`input[start:stop]`; empty for a special token.")
+    special = serializers.BooleanField(help_text="Whether it is a special token.")
+    start = serializers.IntegerField(help_text="Offset of its first character in the text.")
+    stop = serializers.IntegerField(help_text="Offset just past its last character.")
+
+
+class TokenizedTextSerializer(serializers.Serializer):
+    ids = serializers.ListField(
+        child=serializers.IntegerField(), help_text="The text's token ids, never truncated."
+    )
+    pieces = TokenPieceSerializer(
+        many=True, required=False, help_text="With `return_offsets`: one item per id."
+    )
+
+
+class TokenizeOutputSerializer(serializers.Serializer):
+    data = TokenizedTextSerializer(many=True, help_text="One item per text, in order.")  # type: ignore[assignment]
+    model = serializers.CharField(help_text="The served model, whose tokenizer this is.")
+    max_seq_length = serializers.IntegerField(
+        help_text="The most tokens per input the model reads (special tokens and prompt "
+        "included); longer inputs are truncated or refused (`truncate`)."
+    )
+
+
+class DecodeIdsField(serializers.Field):
+    """Token ids, or a list of token-id lists; internally always a list of lists."""
+
+    default_error_messages = {
+        "invalid": CATALOGUE["invalid"].detail(5),
+        "empty": CATALOGUE["empty"].detail(),
+    }
+
+    def to_internal_value(self, data: Any) -> list[list[int]]:
+        if not isinstance(data, list):
+            self.fail("invalid")
+        if not data:
+            self.fail("empty")
+        rows = [data] if all(_is_token_id(item) for item in data) else data
+        for row in rows:
+            if not isinstance(row, list) or not all(_is_token_id(item) for item in row):
+                self.fail("invalid")
+            if not row:
+                self.fail("empty")
+        return [list(row) for row in rows]
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class DecodeInputSerializer(serializers.Serializer):
+    ids = DecodeIdsField(
+        help_text="Token ids of the served model, or a list of such lists (at most the "
+        "tenant's texts per request)."
+    )
+
+
+class DecodeOutputSerializer(serializers.Serializer):
+    texts = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="One text per id list, in order; special tokens are left out.",
+    )
+    model = serializers.CharField(help_text="The served model, whose tokenizer this is.")

@@ -9,6 +9,7 @@ from embeddings.models_api import (
     ModelsView,
     ModelsWithoutV1View,
 )
+from embeddings.tokenizer_api import DecodeView, TokenizeView
 
 urlpatterns = [
     path("embed", views.EmbedView.as_view(), name="embed"),
@@ -21,5 +22,7 @@ urlpatterns = [
     path("models/<path:model_id>", ModelDetailWithoutV1View.as_view(), name="model"),
     # Some OpenAI-compatible clients are configured with a base URL that has no /v1.
     path("embeddings", views.OpenAIEmbeddingsView.as_view(), name="embeddings"),
+    path("tokenize", TokenizeView.as_view(), name="tokenize"),
+    path("decode", DecodeView.as_view(), name="decode"),
     path("health", health.HealthView.as_view(), name="health"),
 ]

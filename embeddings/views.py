@@ -26,9 +26,12 @@ from embeddings.services import (
 )
 from embeddings.token_inputs import decode_token_inputs
 from embedplatform.browsable import BrowsableForm
-from embedplatform.errors import ModelNotFound
+from embedplatform.errors import ModelNotFound, openai_status
 
 logger = logging.getLogger(__name__)
+
+# Every embed response says how many of its inputs were cut to the model's limit (0: none).
+TRUNCATED_INPUTS_HEADER = "x-truncated-inputs"
 
 
 def usage_of(result: EmbeddingResult) -> dict[str, int]:
@@ -69,9 +72,19 @@ class MeteredEmbedView(BrowsableForm, MeteredAPIView):
             prompt_name=data.get("prompt_name"),
             dimensions=data.get("dimensions"),
             normalize=data.get("normalize", True),
+            truncate=data.get("truncate"),
+            truncation_direction=data.get("truncation_direction", "right"),
             param=self.texts_param,
+            max_texts=self.max_texts(),
         )
-        return Response(self.render(result, data))
+        return Response(
+            self.render(result, data),
+            headers={TRUNCATED_INPUTS_HEADER: str(result.truncated_count)},
+        )
+
+    def max_texts(self) -> int | None:
+        """The most texts a request may carry here; None: the plan's texts per request."""
+        return None
 
     def texts(self, data: dict[str, Any]) -> list[str]:
         raise NotImplementedError
@@ -96,6 +109,7 @@ class EmbedView(MeteredEmbedView):
             "embedding": result.vectors[0],
             "model": result.model,
             "dimensions": result.dimensions,
+            "truncated": result.truncated[0],
             "usage": usage_of(result),
         }
 
@@ -114,6 +128,7 @@ class BatchEmbedView(MeteredEmbedView):
             "embeddings": result.vectors,
             "model": result.model,
             "dimensions": result.dimensions,
+            "truncated": result.truncated,
             "usage": usage_of(result),
         }
 
@@ -126,6 +141,19 @@ class OpenAIEmbeddingsView(MeteredEmbedView):
     texts_param = "input"
     serializer_class = io.OpenAIEmbeddingInputSerializer
     name = "OpenAI embeddings"  # the browsable API's title ("Open Ai Embeddings" otherwise)
+
+    def max_texts(self) -> int | None:
+        assert self.meter is not None
+        assert self.meter.limits is not None
+        return self.meter.limits.max_openai_inputs_per_request
+
+    def handle_exception(self, exc: Exception) -> Response:
+        # OpenAI answers every invalid request with 400, and code written for it catches
+        # openai.BadRequestError; the original API keeps FastAPI's 422 (and 413 for too many
+        # texts). Only the status differs: type, code, param and message are the same.
+        response = super().handle_exception(exc)
+        response.status_code = openai_status(response.status_code, response.data)
+        return response
 
     def texts(self, data: dict[str, Any]) -> list[str]:
         requested_model = data.get("model")

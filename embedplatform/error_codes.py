@@ -130,6 +130,12 @@ _CODES = [
         _e("invalid_encoding", "Not UTF-8", "The request body is not valid UTF-8."),
         _e("invalid_body", "Not an object", "The request body must be a JSON object."),
         _e("bad_request", "Not understood", "The request could not be understood."),
+        _e(
+            "malformed_body",
+            "Body cut short",
+            "The request body could not be read: its chunked encoding is malformed or it ended "
+            "before its declared length.",
+        ),
     ),
     *_entries(
         401,
@@ -284,6 +290,12 @@ _CODES = [
             reason="CSRF token missing.",
         ),
         _e("forbidden", "Forbidden", "You do not have permission to do this."),
+        _e(
+            "invalid_tenant",
+            "Control characters in X-Tenant",
+            "The X-Tenant header holds control characters; it takes the id of a tenant you "
+            "belong to.",
+        ),
     ),
     *_entries(
         404,
@@ -371,6 +383,8 @@ _CODES = [
             "{param}: Must be a valid boolean.",
             "{param}: Input must be a string, an array of strings, an array of token ids or an "
             "array of token-id arrays.",
+            "{param}: Inputs must be a string or an array of strings.",
+            "{param}: Ids must be an array of token ids or an array of token-id arrays.",
             param="text",
         ),
         _e("required", "Missing field", "{param}: This field is required.", param="text"),
@@ -411,6 +425,15 @@ _CODES = [
             value="int8",
         ),
         _e(
+            "input_too_long",
+            "Input too long",
+            "{param}: This input has {tokens} tokens; the model reads at most {limit} tokens per "
+            "input. Shorten it, or send truncate: true to have it cut.",
+            param="texts[1]",
+            tokens=3120,
+            limit=2048,
+        ),
+        _e(
             "invalid_dimensions",
             "Unsupported dimensions",
             "dimensions must be between 1 and {native} for this model, not {dimensions}.",
@@ -433,6 +456,7 @@ _CODES = [
             "arrays are read as OpenAI's tiktoken ids; TOKEN_ID_INPUT=native reads them as the "
             "served model's).",
             "input[{position}] holds a token id outside this model's vocabulary (0-{last}).",
+            "{param}: Token id {token_id} is outside this model's vocabulary (0-{last}).",
             position=0,
             token_id=100256,
             last=262143,
@@ -491,6 +515,11 @@ _CODES = [
             "The Supabase project's signing keys cannot be fetched right now; try again shortly.",
         ),
         _e("not_ready", "Not ready", "Not ready: {failing}.", failing="model"),
+        _e(
+            "shutting_down",
+            "Shutting down",
+            "This server is shutting down; retry and another will answer.",
+        ),
     ),
     *_entries(
         500,

@@ -162,6 +162,20 @@ def exception_for(
     )
 
 
+# Answered 400 on OpenAI's API (/v1/embeddings), as OpenAI does for every invalid request; the
+# original API keeps its 422 and 413. A body over the size limit stays 413 everywhere: it is
+# refused by the transport's rule, not read as a request at all.
+OPENAI_AS_BAD_REQUEST = frozenset({"too_many_inputs"})
+
+
+def openai_status(status_code: int, body: Any) -> int:
+    """The status OpenAI's API gives the error the original API answers with `status_code`."""
+    code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+    if status_code == status.HTTP_422_UNPROCESSABLE_ENTITY or code in OPENAI_AS_BAD_REQUEST:
+        return status.HTTP_400_BAD_REQUEST
+    return status_code
+
+
 def request_too_large() -> PayloadTooLarge:
     """The one 413 for a body over DATA_UPLOAD_MAX_MEMORY_SIZE, wherever it is noticed."""
     from django.conf import settings

@@ -242,6 +242,12 @@ WEB_CONCURRENCY = env.int("WEB_CONCURRENCY", default=1)
 
 # --- Requests ---------------------------------------------------------------------------------
 MAX_TEXTS_PER_REQUEST = env.int("MAX_TEXTS_PER_REQUEST", default=256)
+# OpenAI's ceiling on /v1/embeddings inputs (LangChain sends 1000 at once); a plan's or tenant's
+# max_texts_per_request lowers it. Served in chunks of MAX_TEXTS_PER_REQUEST texts.
+OPENAI_MAX_INPUTS_PER_REQUEST = env.int("OPENAI_MAX_INPUTS_PER_REQUEST", default=2048)
+# What a request that does not say `truncate` gets: true cuts over-long inputs to the model's
+# limit (x-truncated-inputs says how many), false refuses them.
+TRUNCATE_INPUTS = env.bool("TRUNCATE_INPUTS", default=True)
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=4 * 1024 * 1024)
 
 # --- CORS (django-cors-headers) ---------------------------------------------------------------
@@ -284,6 +290,7 @@ CORS_EXPOSE_HEADERS = [
     "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
+    "x-truncated-inputs",
 ]
 
 # --- Identity ---------------------------------------------------------------------------------

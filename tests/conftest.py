@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,6 +81,22 @@ class FakeEncoder:
 
     def decode_token_ids(self, token_ids: list[int]) -> str:
         return " ".join(f"t{token_id}" for token_id in token_ids)
+
+    def token_pieces(
+        self, texts: list[str], *, add_special_tokens: bool
+    ) -> list[list[runtime.TokenPiece]]:
+        rows = []
+        for text in texts:
+            pieces = []
+            for match in re.finditer(r"\S+", text):
+                word = match.group()
+                token_id = int(hashlib.sha256(word.encode()).hexdigest(), 16) % self.vocab_size
+                pieces.append(runtime.TokenPiece(token_id, word, False, *match.span()))
+            if add_special_tokens:
+                pieces = [runtime.TokenPiece(1, "", True, 0, 0), *pieces]
+                pieces.append(runtime.TokenPiece(2, "", True, 0, 0))
+            rows.append(pieces)
+        return rows
 
     @property
     def texts_encoded(self) -> int:

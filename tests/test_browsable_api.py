@@ -113,6 +113,8 @@ def test_it_shows_a_logged_in_staff_member_the_description_and_a_prefilled_form(
     assert raw_form_body(page) == {
         "prompt_name": None,
         "dimensions": None,
+        "truncate": None,
+        "truncation_direction": "right",
         "normalize": True,
         "text": "안녕하세요, 반갑습니다!",
     }

@@ -241,7 +241,7 @@ def test_it_serves_the_openai_client_in_both_encodings(
     vectors = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
     if encoding_format == "base64":
         # Asked for explicitly, base64 comes back as sent: little-endian float32.
-        vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in vectors]  # type: ignore[arg-type]
+        vectors = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in vectors]  # type: ignore[arg-type,misc]
     compare(reference, vectors, client="openai (sync)", mode=encoding_format, sent=sent)
 
 
@@ -387,10 +387,20 @@ def test_it_maps_every_error_to_the_openai_clients_exception(
     with pytest.raises(openai.BadRequestError) as bad_request:
         client.post("/embeddings", body=["x"], cast_to=object)
     assert bad_request.value.type == "invalid_request_error"
-    # Invalid fields are 422 today (issue 8 turns them into 400 on /v1 separately).
-    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+    # 400 for every invalid request, as OpenAI answers (the original API says 422 and 413).
+    with pytest.raises(openai.BadRequestError) as invalid:
         client.embeddings.create(model=SHORT, input=[[15339, 100256]])
-    assert invalid.value.code == "invalid_token_id"
+    assert (invalid.value.code, invalid.value.param) == ("invalid_token_id", "input")
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.embeddings.create(model=SHORT, input=["x"] * 2049)
+    assert (too_many.value.code, too_many.value.param) == ("too_many_inputs", "input")
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.embeddings.create(
+            model=SHORT, input=["short", "word " * 300], extra_body={"truncate": False}
+        )
+    assert (too_long.value.code, too_long.value.param) == ("input_too_long", "input[1]")
+    assert "302 tokens" in too_long.value.message
+    assert "at most 256" in too_long.value.message
     # 429: over the plan's tokens per minute; Retry-After says when to come back.
     alice.tenant.plan = Plan.objects.create(name="one token a minute", tokens_per_minute=1)
     alice.tenant.save(update_fields=["plan"])
@@ -398,6 +408,28 @@ def test_it_maps_every_error_to_the_openai_clients_exception(
         client.embeddings.create(model=SHORT, input="more than one token")
     assert int(limited.value.response.headers["Retry-After"]) >= 1
     assert limited.value.type == "rate_limit_exceeded"
+
+
+def test_it_serves_openais_2048_inputs_in_one_request_and_counts_truncated_ones(
+    service: Service, alice: Person, reference: Any, minilm_encoder: Any
+) -> None:
+    client = openai_client(service.url, alice.token, max_retries=0)
+    # 2048 inputs (LangChain sends 1000 at once), 409 of them over MiniLM's 256 tokens.
+    texts = ([*TEXTS, "word " * 300] * 410)[:2048]
+
+    raw = client.embeddings.with_raw_response.create(
+        model=SHORT, input=texts, encoding_format="float"
+    )
+    response = raw.parse()
+
+    assert raw.headers["x-truncated-inputs"] == "409"
+    assert [item.index for item in response.data] == list(range(2048))
+    # usage counts the tokens embedded: 256 for each cut input, not the 302 it had.
+    short_tokens = minilm_encoder.tokenize(TEXTS, prompt="").tokens
+    tail_tokens = minilm_encoder.tokenize(TEXTS[:3], prompt="").tokens  # the last 3 inputs
+    assert response.usage.prompt_tokens == 409 * (short_tokens + 256) + tail_tokens
+    vectors = [item.embedding for item in response.data[: len(TEXTS)]]
+    compare(reference, vectors, client="openai (sync)", mode="2048 inputs", sent=[])
 
 
 # --- LangChain -----------------------------------------------------------------------------------
@@ -412,6 +444,7 @@ def test_it_gives_langchain_the_right_vectors(
     check_embedding_ctx_length: bool,
 ) -> None:
     from langchain_openai import OpenAIEmbeddings
+    from pydantic import SecretStr
 
     options: dict[str, Any] = {}
     if not check_embedding_ctx_length:
@@ -419,7 +452,7 @@ def test_it_gives_langchain_the_right_vectors(
     # Only what a user must set: where, who, which model. Everything else is LangChain's default
     # (check_embedding_ctx_length=True sends cl100k_base token arrays).
     embeddings = OpenAIEmbeddings(
-        model=SHORT, base_url=recorder.url + "/v1", api_key=alice.token, **options
+        model=SHORT, base_url=recorder.url + "/v1", api_key=SecretStr(alice.token), **options
     )
     documents = embeddings.embed_documents(TEXTS)
     sent = recorder.sent()
@@ -448,7 +481,7 @@ def test_it_gives_langchain_the_right_vectors(
 def test_it_gives_llamaindex_openai_embedding_the_right_vectors(
     offline_clients: Path, recorder: Recorder, alice: Person, reference: Any
 ) -> None:
-    from llama_index.embeddings.openai import OpenAIEmbedding
+    from llama_index.embeddings.openai import OpenAIEmbedding  # type: ignore[import-untyped]
 
     # OpenAIEmbedding takes only OpenAI's model names: MODEL_ALIASES lets one stand for ours.
     model = OpenAIEmbedding(model=ALIAS, api_base=recorder.url + "/v1", api_key=alice.token)
@@ -468,7 +501,7 @@ def test_it_gives_llamaindex_openai_embedding_the_right_vectors(
 def test_it_gives_llamaindex_openai_like_embedding_the_right_vectors(
     offline_clients: Path, recorder: Recorder, alice: Person, reference: Any
 ) -> None:
-    from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+    from llama_index.embeddings.openai_like import OpenAILikeEmbedding  # type: ignore[import-untyped]
 
     model = OpenAILikeEmbedding(
         model_name=SHORT, api_base=recorder.url + "/v1", api_key=alice.token
@@ -476,7 +509,7 @@ def test_it_gives_llamaindex_openai_like_embedding_the_right_vectors(
     vectors = model.get_text_embedding_batch(TEXTS)
 
     async def query() -> list[float]:
-        return await model.aget_query_embedding(TEXTS[1])
+        return list(await model.aget_query_embedding(TEXTS[1]))
 
     vectors.append(asyncio.run(query()))
     sent = recorder.sent()

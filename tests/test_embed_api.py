@@ -70,7 +70,9 @@ def test_it_embeds_one_text(alice: Person, fake_encoder: FakeEncoder) -> None:
     response = post(alice, "/embed", {"text": "hello world"})
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"embedding", "model", "dimensions", "usage"}
+    assert set(body) == {"embedding", "model", "dimensions", "truncated", "usage"}
+    assert body["truncated"] is False
+    assert response["x-truncated-inputs"] == "0"
     assert body["model"] == "fake-model"
     assert body["dimensions"] == len(body["embedding"]) == 16
     assert body["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
@@ -200,17 +202,17 @@ BAD_BODIES = [
     ("batch-empty-item", "/batch-embed", {"texts": ["a", ""]}, 422, "texts[1]", "empty_text"),
     ("batch-null-item", "/batch-embed", {"texts": ["a", None]}, 422, "texts[1]", "null"),
     ("batch-number-item", "/batch-embed", {"texts": ["a", 5]}, 422, "texts[1]", "invalid"),
-    ("openai-empty-string", "/v1/embeddings", {"input": ""}, 422, "input", "empty_text"),
-    ("openai-empty-list", "/v1/embeddings", {"input": []}, 422, "input", "empty"),
-    ("openai-null", "/v1/embeddings", {"input": None}, 422, "input", "null"),
-    ("openai-object", "/v1/embeddings", {"input": {"a": 1}}, 422, "input", "invalid"),
-    ("openai-mixed", "/v1/embeddings", {"input": ["a", [1]]}, 422, "input", "mixed"),
-    ("openai-negative-id", "/v1/embeddings", {"input": [-1]}, 422, "input", "invalid"),
+    ("openai-empty-string", "/v1/embeddings", {"input": ""}, 400, "input", "empty_text"),
+    ("openai-empty-list", "/v1/embeddings", {"input": []}, 400, "input", "empty"),
+    ("openai-null", "/v1/embeddings", {"input": None}, 400, "input", "null"),
+    ("openai-object", "/v1/embeddings", {"input": {"a": 1}}, 400, "input", "invalid"),
+    ("openai-mixed", "/v1/embeddings", {"input": ["a", [1]]}, 400, "input", "mixed"),
+    ("openai-negative-id", "/v1/embeddings", {"input": [-1]}, 400, "input", "invalid"),
     (
         "openai-id-out-of-vocab",
         "/v1/embeddings",
         {"input": [[5, 100256]]},  # no cl100k_base token has this id
-        422,
+        400,
         "input",
         "invalid_token_id",
     ),
@@ -218,7 +220,7 @@ BAD_BODIES = [
         "openai-bad-format",
         "/v1/embeddings",
         {"input": "a", "encoding_format": "int8"},
-        422,
+        400,
         "encoding_format",
         "invalid_choice",
     ),
@@ -544,5 +546,5 @@ def test_it_costs_one_query_per_request_once_the_caller_is_known(
     with django_assert_num_queries(1):
         assert send({"input": "hello world"}).status_code == 200
     with django_assert_num_queries(1):
-        assert send({"input": ""}).status_code == 422
+        assert send({"input": ""}).status_code == 400
     assert UsageLog.objects.count() == 3

@@ -18,6 +18,7 @@ from django.test import Client
 from accounts.jwt import mint_token
 from accounts.models import Tenant
 from embedplatform.error_codes import CATALOGUE, ERROR_TYPES, FIELD_PREFIX
+from embedplatform.errors import openai_status
 from tests.conftest import FakeEncoder, Person
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +143,7 @@ def limited_alice(alice: Person) -> Person:
     return alice
 
 
-def post(path: str, body: Any, headers: dict[str, str], content_type: str = "") -> Any:
+def post(path: str, body: Any, headers: dict[str, Any], content_type: str = "") -> Any:
     data = body if isinstance(body, str) else json.dumps(body)
     return Client().post(path, data, content_type=content_type or "application/json", **headers)
 
@@ -185,7 +186,30 @@ def test_it_answers_real_requests_exactly_as_catalogued(
     for code, response in cases:
         entry = CATALOGUE[code]
         body = response.json()
-        assert (response.status_code, entry.matches(body)) == (entry.status, True), (code, body)
+        expected = entry.status
+        if response.request["PATH_INFO"].startswith("/v1/"):
+            expected = openai_status(entry.status, body)  # OpenAI's 400 for invalid requests
+        assert (response.status_code, entry.matches(body)) == (expected, True), (code, body)
+
+
+def test_it_answers_invalid_openai_requests_with_400_and_the_original_api_with_422(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    auth = alice.client_headers
+    original = post("/batch-embed", {"texts": ["a", ""]}, auth)
+    openai = post("/v1/embeddings", {"input": ["a", ""]}, auth)
+    too_many_original = post("/batch-embed", {"texts": ["a"] * 300}, auth)
+    too_many_openai = post("/embeddings", {"input": ["a"] * 2049}, auth)
+
+    assert (original.status_code, openai.status_code) == (422, 400)
+    assert original.json()["error"]["code"] == openai.json()["error"]["code"] == "empty_text"
+    assert (too_many_original.status_code, too_many_openai.status_code) == (413, 400)
+    assert too_many_openai.json()["error"] == {
+        "message": "A request may carry at most 2048 texts; this one has 2049.",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "too_many_inputs",
+    }
 
 
 def test_it_answers_quota_and_readiness_errors_as_catalogued(
@@ -223,5 +247,8 @@ def test_it_documents_only_the_catalogues_examples(db: None, fake_encoder: FakeE
     assert len(examples) > 50
     for where, value in examples:
         entry = CATALOGUE[value["error"]["code"]]
-        assert str(entry.status) == where.rsplit(" ", 1)[1], where
+        status = entry.status
+        if " /v1/" in where or " /embeddings " in where:
+            status = openai_status(status, value)  # OpenAI's API: 400 for invalid requests
+        assert str(status) == where.rsplit(" ", 1)[1], where
         assert value["error"] == entry.example_body()["error"], where

@@ -21,12 +21,16 @@ from embedplatform import error_codes
 from tests.headless_chromium import chromium, requested_urls
 
 EMBED_ERRORS = {"400", "401", "403", "413", "415", "422", "429", "503"}
+# OpenAI's API answers invalid requests with 400 (the original's 422); 413 is a body too large.
+OPENAI_ERRORS = {"400", "401", "403", "404", "413", "415", "429", "503"}
 OPERATIONS = [
     # path, method, security schemes, error statuses
     ("/embed", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS),
     ("/batch-embed", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS),
-    ("/v1/embeddings", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS | {"404"}),
-    ("/embeddings", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS | {"404"}),
+    ("/v1/embeddings", "post", {"bearerAuth", "staffSession"}, OPENAI_ERRORS),
+    ("/embeddings", "post", {"bearerAuth", "staffSession"}, OPENAI_ERRORS),
+    ("/tokenize", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS),
+    ("/decode", "post", {"bearerAuth", "staffSession"}, EMBED_ERRORS),
     ("/usage", "get", {"bearerAuth", "staffSession"}, {"401", "403"}),
     ("/health", "get", set(), {"503"}),
     ("/metrics", "get", {"metricsToken"}, {"401"}),
@@ -142,8 +146,11 @@ def test_it_documents_every_request_and_response_field(schema: dict[str, Any]) -
         "prompt_name",
         "dimensions",
         "normalize",
+        "truncate",
+        "truncation_direction",
     }
     assert components["EmbedInput"]["required"] == ["text"]
+    assert components["TruncationDirectionEnum"]["enum"] == ["right", "left"]
     assert components["BatchEmbedInput"]["properties"]["texts"]["type"] == "array"
     openai_input = components["OpenAIEmbeddingInput"]["properties"]["input"]
     assert len(openai_input["oneOf"]) == 4  # string, strings, token ids, token-id arrays
@@ -151,8 +158,10 @@ def test_it_documents_every_request_and_response_field(schema: dict[str, Any]) -
         "embedding",
         "model",
         "dimensions",
+        "truncated",
         "usage",
     }
+    assert components["BatchEmbedOutput"]["properties"]["truncated"]["type"] == "array"
     embedding = components["OpenAIEmbedding"]["properties"]["embedding"]
     assert {alternative["type"] for alternative in embedding["oneOf"]} == {"array", "string"}
     assert components["EncodingFormatEnum"]["enum"] == ["float", "base64"]
@@ -246,6 +255,8 @@ def test_it_answers_errors_in_the_documented_shape_and_statuses(
         ("/embed", {"text": "hi"}, "application/json", {**auth, "HTTP_X_TENANT": "999999"}),
         ("/batch-embed", {"texts": ["a"] * 300}, "application/json", auth),  # 413
         ("/v1/embeddings", {"input": "a", "model": "gpt-4"}, "application/json", auth),  # 404
+        ("/v1/embeddings", {"input": "  "}, "application/json", auth),  # 400 (OpenAI's)
+        ("/v1/embeddings", {"input": ["a"] * 2049}, "application/json", auth),  # 400 (OpenAI's)
     ]
     validator = error_validator(schema)
     seen = set()
@@ -335,6 +346,7 @@ def test_it_states_the_validations_limits_for_the_served_model(
     db: None, fake_encoder: Any, settings: Any
 ) -> None:
     settings.MAX_TEXTS_PER_REQUEST = 7
+    settings.OPENAI_MAX_INPUTS_PER_REQUEST = 9
     components = json.loads(Client().get("/openapi.json").content)["components"]["schemas"]
 
     embed = components["EmbedInput"]["properties"]
@@ -347,7 +359,13 @@ def test_it_states_the_validations_limits_for_the_served_model(
     openai = components["OpenAIEmbeddingInput"]["properties"]
     one, several, token_ids, token_arrays = openai["input"]["oneOf"]
     assert one["pattern"] == several["items"]["pattern"] == r"\S"
-    assert (several["maxItems"], token_arrays["maxItems"]) == (7, 7)
+    assert (several["maxItems"], token_arrays["maxItems"]) == (9, 9)  # OpenAI's ceiling
+    truncate = components["EmbedInput"]["properties"]["truncate"]
+    assert truncate["type"] == "boolean"
+    tokenize = components["TokenizeInput"]["properties"]["inputs"]["oneOf"]
+    assert tokenize[1]["maxItems"] == 7
+    decode = components["DecodeInput"]["properties"]["ids"]["oneOf"]
+    assert decode[0]["items"]["maximum"] == fake_encoder.vocab_size - 1
     assert token_ids["items"]["maximum"] == fake_encoder.vocab_size - 1
     model_names = components[openai["model"]["allOf"][0]["$ref"].rsplit("/", 1)[1]]
     assert "fake-model" in model_names["enum"]

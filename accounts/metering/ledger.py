@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from datetime import date
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -87,7 +88,7 @@ class UsageRecord:
     request_id: str
     error_type: str = ""
 
-    def params(self) -> dict[str, object]:
+    def params(self) -> dict[str, Any]:
         caller = self.caller
         return {
             "tenant_id": caller.tenant.pk if caller.tenant is not None else None,
@@ -154,7 +155,7 @@ def quota_exceeded(*, quota: int, spent: int, tokens: int) -> QuotaExceeded:
     )
 
 
-def _charge_params(record: UsageRecord, period_start: date) -> dict[str, object]:
+def _charge_params(record: UsageRecord, period_start: date) -> dict[str, Any]:
     return {
         **record.params(),
         "period_start": connection.ops.adapt_datefield_value(period_start),
@@ -199,7 +200,7 @@ def charge_and_log(*, record: UsageRecord) -> None:
     _note_spent(tenant.pk, period_start, spent_after)
 
 
-def _charge(params: dict[str, object]) -> int | None:
+def _charge(params: dict[str, Any]) -> int | None:
     """The tenant's tokens after the charge, None when it did not happen."""
     with connection.cursor() as cursor:
         cursor.execute(_CHARGE_SQL, params)
@@ -207,7 +208,12 @@ def _charge(params: dict[str, object]) -> int | None:
     return None if row is None else int(row[0])
 
 
-def log_refusal(*, record: UsageRecord) -> None:
-    """A refused request is logged, and charged nothing."""
+def log_uncharged(*, record: UsageRecord) -> None:
+    """A usage row with zero tokens: a refused request, or one that costs nothing."""
     with connection.cursor() as cursor:
         cursor.execute(_LOG_SQL, replace(record, tokens=0).params())
+
+
+def log_refusal(*, record: UsageRecord) -> None:
+    """A refused request is logged, and charged nothing."""
+    log_uncharged(record=record)

@@ -69,14 +69,14 @@ class Meter:
                 request=request, tenant_id=self.tenant.pk, limits=self.limits
             )
 
-    def check_inputs(self, *, count: int, param: str) -> None:
-        """At most the plan's texts per request (413)."""
+    def check_inputs(self, *, count: int, param: str, limit: int | None = None) -> None:
+        """At most `limit` texts, by default the plan's texts per request (413)."""
         assert self.limits is not None
         self.inputs = count
-        if count > self.limits.max_texts_per_request:
+        limit = self.limits.max_texts_per_request if limit is None else limit
+        if count > limit:
             raise PayloadTooLarge(
-                f"A request may carry at most {self.limits.max_texts_per_request} texts; this "
-                f"one has {count}.",
+                f"A request may carry at most {limit} texts; this one has {count}.",
                 code="too_many_inputs",
                 param=param,
             )
@@ -98,6 +98,17 @@ class Meter:
             ledger.charge_and_log(record=self._record(status_code=200, tokens=self.tokens))
         self.outcome = "served"
         metrics.TOKENS.labels(endpoint=self.endpoint).inc(self.tokens)
+        metrics.INPUTS.labels(endpoint=self.endpoint).inc(self.inputs)
+
+    def served_uncharged(self) -> None:
+        """Writes the usage row of a served request that costs no tokens (/tokenize, /decode):
+        logged like any other, charged nothing, and no quota row is touched."""
+        if self.outcome is not None:
+            return
+        self.tokens = 0
+        with self.timed("charge"):
+            ledger.log_uncharged(record=self._record(status_code=200, tokens=0))
+        self.outcome = "served"
         metrics.INPUTS.labels(endpoint=self.endpoint).inc(self.inputs)
 
     def refused(self, *, status_code: int, error_type: str) -> None:
