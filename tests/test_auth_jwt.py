@@ -31,24 +31,15 @@ from accounts.jwt import mint_token, verify_supabase_token
 from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
 from accounts.permissions import resolve_tenant
 from tests.conftest import FakeEncoder, Person
+from tests.helpers import assert_error, embed
 from tests.jwks_server import FakeSupabase, SigningKey, generate_key
 from tests.service import free_port
-from tests.test_embed_api import assert_error
 
 User = get_user_model()
 
 
 def usage(token: str, **headers: Any) -> Any:
     return Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}", **headers)
-
-
-def embed(token: str) -> Any:
-    return Client().post(
-        "/embed",
-        {"text": "hello world"},
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {token}",
-    )
 
 
 # --- Accepted tokens and just-in-time users ----------------------------------------------------
