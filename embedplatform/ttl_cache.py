@@ -28,9 +28,7 @@ class TtlCache(Generic[K, V]):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ttl = ttl
-        self._entries: TLRUCache[K, V, float] = TLRUCache(
-            maxsize, self._expires, timer=clock
-        )
+        self._entries: TLRUCache[K, V, float] = TLRUCache(maxsize, self._expires, timer=clock)
         self._lock = threading.Lock()
 
     def _expires(self, _key: K, _value: V, now: float) -> float:
