@@ -64,7 +64,11 @@ class OpenAIModelSerializer(serializers.Serializer):
 
 class OpenAIModelListSerializer(serializers.Serializer):
     object = serializers.CharField(help_text="Always `list`.")
-    data = OpenAIModelSerializer(many=True, help_text="The served model first, then its aliases.")
+    # OpenAI's shape names a field "data", which the stubs read as overriding Serializer.data;
+    # DRF's metaclass takes declared fields off the class, so at run time it does not.
+    data = OpenAIModelSerializer(  # type: ignore[assignment]
+        many=True, help_text="The served model first, then its aliases."
+    )
 
 
 def _model_files_time() -> int:

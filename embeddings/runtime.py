@@ -99,15 +99,23 @@ class Tokenized:
 
 
 class Encoder(Protocol):
-    """What the API needs from a model. The real one wraps sentence-transformers."""
+    """What the API needs from a model. The real one wraps sentence-transformers. Its facts are
+    read-only here: the real encoder derives them from its model, a fake may just hold them."""
 
-    name: str
-    dtype: str
-    dimensions: int
-    max_seq_length: int
-    prompts: dict[str, str]
-    default_prompt_name: str | None
-    vocab_size: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def dimensions(self) -> int: ...
+    @property
+    def max_seq_length(self) -> int: ...
+    @property
+    def prompts(self) -> dict[str, str]: ...
+    @property
+    def default_prompt_name(self) -> str | None: ...
+    @property
+    def vocab_size(self) -> int: ...
 
     def tokenize(
         self, texts: list[str], *, prompt: str, truncation_direction: TruncationDirection = "right"
@@ -148,7 +156,8 @@ class SentenceTransformerEncoder:
 
     @property
     def default_prompt_name(self) -> str | None:
-        return self.model.default_prompt_name
+        name: str | None = self.model.default_prompt_name
+        return name
 
     @property
     def vocab_size(self) -> int:
@@ -284,7 +293,7 @@ class SentenceTransformerEncoder:
         return self.encode_tokenized(self.tokenize(texts, prompt=prompt).inputs, prompt)
 
     def decode_token_ids(self, token_ids: list[int]) -> str:
-        return self.model.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return str(self.model.tokenizer.decode(token_ids, skip_special_tokens=True))
 
 
 def _cut(text: str, budget: int, direction: TruncationDirection) -> str:
@@ -333,7 +342,7 @@ def accepted_model_names(served: str) -> set[str]:
 def torch_threads() -> int:
     """TORCH_THREADS, else this worker's share of the cores (gunicorn.conf.py sets both)."""
     if settings.TORCH_THREADS > 0:
-        return settings.TORCH_THREADS
+        return int(settings.TORCH_THREADS)
     return torch_threads_per_worker(settings.WEB_CONCURRENCY)
 
 

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
     _RedisConnection = object  # type: ignore[assignment,misc]
 
 
-class FailFastRedisConnection(_RedisConnection):  # type: ignore[misc,valid-type]
+class FailFastRedisConnection(_RedisConnection):
     """A Redis connection (CACHES' connection_class) that does not retry, and that, once Redis
     failed a request, fails that request's further calls at once: a request makes a dozen cache
     calls (credentials, rate limits, quota), and each waiting out REDIS_SOCKET_TIMEOUT against a

@@ -18,7 +18,7 @@ _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id_for(request: HttpRequest) -> str:
-    supplied = request.META.get("HTTP_X_REQUEST_ID", "")
+    supplied: str = request.META.get("HTTP_X_REQUEST_ID", "")
     if _ACCEPTABLE_REQUEST_ID.fullmatch(supplied):
         return supplied
     return uuid.uuid4().hex
@@ -74,5 +74,5 @@ class ChunkedBodyMiddleware:
             if len(body) > limit:
                 return api_error_response(request_too_large())
             meta["CONTENT_LENGTH"] = str(len(body))
-            request._stream = io.BytesIO(body)  # type: ignore[attr-defined]
+            request._stream = io.BytesIO(body)
         return self.get_response(request)

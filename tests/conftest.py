@@ -183,7 +183,7 @@ def alice(db: None) -> Person:
 @pytest.fixture
 def bob(alice: Person) -> Person:
     subject, email = _person("bob")
-    user = services.User.objects.create(username=f"supabase:{subject}", email=email)
+    user = services.UserModel.objects.create(username=f"supabase:{subject}", email=email)
     SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
     services.add_member(tenant=alice.tenant, user=user, role=Membership.Role.MEMBER)
     return Person(user=user, tenant=alice.tenant, subject=subject, email=email)

@@ -16,7 +16,7 @@ from tests.conftest import FakeEncoder, Person
 pytestmark = pytest.mark.django_db
 
 
-def get(path: str, person: Person | None = None, **headers: str) -> Any:
+def get(path: str, person: Person | None = None, **headers: Any) -> Any:
     credentials = person.client_headers if person else {}
     return APIClient().get(path, **credentials, **headers)
 
