@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def short_queries(count: int, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) for _ in range(count)]
 
 
-WORKLOADS = {"short": short_queries, "sentence": sentences}
+WORKLOADS: dict[str, Callable[..., list[str]]] = {"short": short_queries, "sentence": sentences}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -180,7 +181,7 @@ def load(
         while time.perf_counter() < deadline:
             chunk = [pool[(offset + i) % len(pool)] for i in range(texts_per_request)]
             offset += texts_per_request
-            body = {"text": chunk[0]} if path == "/embed" else {"texts": chunk}
+            body: dict[str, Any] = {"text": chunk[0]} if path == "/embed" else {"texts": chunk}
             started = time.perf_counter()
             connection.request("POST", path, body=json.dumps(body), headers=headers)
             response = connection.getresponse()
@@ -438,7 +439,7 @@ def main() -> None:
 
     ceiling_runs: dict[str, dict[str, Any]] = {}
     if args.ceiling:
-        from embeddings.gemma_builder import build_gemma_like_model
+        from bench.gemma_builder import build_gemma_like_model
 
         tiny_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-tiny-"))
         tiny = build_gemma_like_model(tiny_dir / "gemma-tiny", size="tiny")

@@ -252,6 +252,7 @@ def one_request(
 ) -> tuple[str, int | str, float, int, str]:
     kind = rng.choices(["small", "large", "openai", "bad_json", "bad_field"], [50, 15, 20, 8, 7])[0]
     headers = {"Authorization": f"Bearer {tenant.credential}"}
+    call: tuple[str, dict[str, Any]]
     if kind == "small":
         call = ("/embed", {"json": {"text": text(rng, 12)}})
     elif kind == "large":
@@ -426,11 +427,16 @@ def run(seconds: float, workers: int, clients_per_tenant: int, max_rss_mb: float
         started = time.monotonic()
         for thread in threads:
             thread.start()
+
+        def stop_and_start_gunicorn() -> None:
+            service.stop()
+            service.start()
+
         events = [
             (0.2, "restart redis", redis.restart),
             (0.4, "restart postgresql", postgres.restart),
             (0.6, "gunicorn HUP", lambda: service.signal(signal.SIGHUP)),
-            (0.8, "gunicorn SIGTERM + start", lambda: (service.stop(), service.start())),
+            (0.8, "gunicorn SIGTERM + start", stop_and_start_gunicorn),
         ]
         rss: list[float] = []
         done = []
