@@ -91,7 +91,7 @@ def percentile(values: list[float], q: float) -> float:
 def in_process(
     model: str, quantization: str, seconds: float, workloads: list[str]
 ) -> dict[str, dict[str, Any]]:
-    from embeddings.runtime import load_encoder
+    from embeddings.encoder import load_encoder
 
     encoder = load_encoder(
         model_name=model,

@@ -19,7 +19,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.permissions import HasActiveTenant
-from embeddings.runtime import accepted_model_names, bundled_model_path
+from embeddings.encoder import bundled_model_path
+from embeddings.runtime import accepted_model_names
 from embeddings.services import require_runtime
 from embedplatform.errors import ModelNotFound
 from embedplatform.schema import (

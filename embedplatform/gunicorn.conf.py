@@ -86,7 +86,7 @@ else:
 if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
     worker_tmp_dir = "/dev/shm"
 
-# Size torch's threads to each worker's share of the cores (embeddings.runtime.torch_threads
+# Size torch's threads to each worker's share of the cores (embeddings.encoder.torch_threads
 # reads TORCH_THREADS and WEB_CONCURRENCY from settings).
 os.environ["WEB_CONCURRENCY"] = str(workers)
 if _env_int("TORCH_THREADS", 0) <= 0:

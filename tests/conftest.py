@@ -25,6 +25,7 @@ from rest_framework.test import APIClient
 from accounts import services
 from accounts.jwt import mint_token
 from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
+from embeddings import encoder as encoder_module
 from embeddings import runtime
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
@@ -51,9 +52,9 @@ class FakeEncoder:
 
     def tokenize(
         self, texts: list[str], *, prompt: str, truncation_direction: str = "right"
-    ) -> runtime.Tokenized:
+    ) -> encoder_module.Tokenized:
         whole = [len((prompt + text).split()) + 2 for text in texts]
-        return runtime.Tokenized(
+        return encoder_module.Tokenized(
             prompt=prompt,
             inputs=list(texts),
             token_counts=self.count_tokens(texts, prompt),
@@ -95,15 +96,15 @@ def fake_encoder() -> Iterator[FakeEncoder]:
 
 
 @pytest.fixture(scope="session")
-def minilm_encoder() -> runtime.SentenceTransformerEncoder:
+def minilm_encoder() -> encoder_module.SentenceTransformerEncoder:
     """The bundled all-MiniLM-L6-v2, loaded once for the session."""
-    return runtime.load_encoder(
+    return encoder_module.load_encoder(
         model_name="", quantization="fp32", max_seq_length=256, hf_token=None
     )
 
 
 @pytest.fixture
-def minilm(minilm_encoder: runtime.SentenceTransformerEncoder) -> Iterator[Any]:
+def minilm(minilm_encoder: encoder_module.SentenceTransformerEncoder) -> Iterator[Any]:
     runtime.install_runtime(minilm_encoder)
     yield minilm_encoder
     runtime.install_runtime(None)
@@ -118,8 +119,8 @@ def gemma_tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gemma_encoder(gemma_tiny_path: Path) -> runtime.SentenceTransformerEncoder:
-    return runtime.load_encoder(
+def gemma_encoder(gemma_tiny_path: Path) -> encoder_module.SentenceTransformerEncoder:
+    return encoder_module.load_encoder(
         model_name=str(gemma_tiny_path),
         quantization="fp32",
         max_seq_length=2048,
@@ -128,7 +129,7 @@ def gemma_encoder(gemma_tiny_path: Path) -> runtime.SentenceTransformerEncoder:
 
 
 @pytest.fixture
-def gemma(gemma_encoder: runtime.SentenceTransformerEncoder) -> Iterator[Any]:
+def gemma(gemma_encoder: encoder_module.SentenceTransformerEncoder) -> Iterator[Any]:
     runtime.install_runtime(gemma_encoder)
     yield gemma_encoder
     runtime.install_runtime(None)
