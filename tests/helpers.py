@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.test import Client
@@ -29,6 +30,12 @@ def embed(
     )
 
 
+def get_usage(who: Person | str, **extra: Any) -> Any:
+    """GETs /usage in-process as `who` (a Person, or a bearer credential)."""
+    credential = who.token if isinstance(who, Person) else who
+    return Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {credential}", **extra)
+
+
 def assert_error(
     response: Any,
     status: int,
@@ -53,3 +60,16 @@ def assert_error(
     if param is not None:
         assert error["param"] == param
     return error
+
+
+class ManualClock:
+    """A monotonic clock that stands still until the test moves it, for code that takes a clock."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
