@@ -123,6 +123,7 @@ class ApiKeyUser(AnonymousUser):
     def __init__(self, api_key: Any) -> None:
         self.api_key = api_key
 
+    # [override]: django-stubs type AnonymousUser's flags as Literal[True] / Literal[False].
     @property
     def is_anonymous(self) -> bool:  # type: ignore[override]
         return False

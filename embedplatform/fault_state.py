@@ -29,6 +29,7 @@ try:
     from redis.exceptions import TimeoutError as _RedisTimeoutError
     from redis.retry import Retry
 except ImportError:  # pragma: no cover
+    # [assignment,misc]: without redis a stand-in base, never instantiated (no Redis to reach).
     _RedisConnection = object  # type: ignore[assignment,misc]
 
 

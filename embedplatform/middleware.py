@@ -29,9 +29,11 @@ class RequestIdMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        request.request_id = request_id_for(request)  # type: ignore[attr-defined]
+        # [attr-defined]: our attribute on Django's request, as auth's request.user is.
+        request_id = request_id_for(request)
+        request.request_id = request_id  # type: ignore[attr-defined]
         response = self.get_response(request)
-        response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
+        response["x-request-id"] = request_id
         return response
 
 
@@ -49,6 +51,7 @@ class ProbeHostMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path_info in PROBE_PATHS:
             host = request.META.get("HTTP_HOST") or request.META.get("SERVER_NAME", "")
+            # [method-assign]: this request alone answers for the address the probe used.
             request.get_host = lambda: host  # type: ignore[method-assign]
         return self.get_response(request)
 

@@ -175,6 +175,7 @@ def test_it_refuses_an_over_long_input_before_model_work_when_asked_not_to_trunc
     with pytest.raises(encoder_module.InputTooLong) as refused:
         run.tokenize(["fine", long_text], prompt="", truncate=False)
     assert (refused.value.index, refused.value.limit, refused.value.at_least) == (1, limit, False)
+    # [attr-defined]: the Encoder protocol hides the real encoder's sentence-transformers model.
     whole = run.encoder.model.tokenizer(long_text, verbose=False)["input_ids"]  # type: ignore[attr-defined]
     assert refused.value.tokens == len(whole) > limit
     with pytest.raises(encoder_module.InputTooLong) as huge:
