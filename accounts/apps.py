@@ -13,8 +13,6 @@ class AccountsConfig(AppConfig):
 
         from accounts import models
         from accounts.credential_cache import forget_all
-        from embeddings.apps import is_serving_process
-        from embedplatform.checks import log_configuration_warnings
 
         for model in (
             models.Plan,
@@ -26,7 +24,3 @@ class AccountsConfig(AppConfig):
         ):
             post_save.connect(forget_all, sender=model, dispatch_uid=f"forget-{model.__name__}")
             post_delete.connect(forget_all, sender=model, dispatch_uid=f"unforget-{model.__name__}")
-
-        if is_serving_process():
-            # gunicorn runs no system checks: a serving process says the warnings in its log.
-            log_configuration_warnings()

@@ -81,7 +81,7 @@ def with_tenant(caller: Caller, request: Request) -> Caller:
 
 def bearer_credential(request: Request) -> str | None:
     """The bearer credential, None for other schemes, AuthenticationFailed when malformed."""
-    header = request.META.get("HTTP_AUTHORIZATION", "")
+    header: str | bytes = request.META.get("HTTP_AUTHORIZATION", "")
     if isinstance(header, str):
         # WSGI hands headers over as latin-1 text; Django's test client may pass anything.
         try:
@@ -123,6 +123,7 @@ class ApiKeyUser(AnonymousUser):
     def __init__(self, api_key: Any) -> None:
         self.api_key = api_key
 
+    # [override]: django-stubs type AnonymousUser's flags as Literal[True] / Literal[False].
     @property
     def is_anonymous(self) -> bool:  # type: ignore[override]
         return False

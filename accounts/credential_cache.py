@@ -4,45 +4,40 @@ Resolving a Supabase user to its membership, tenant and plan (or an API key to i
 the largest share of the identity layer's time per request, and its answer rarely changes. For
 AUTH_CACHE_SECONDS (default 5) a worker reuses it. A change saved through the ORM (admin, services)
 clears this process's memory at once; other workers see it within AUTH_CACHE_SECONDS. Only
-positive answers are kept: an unknown user or key always goes to the database.
+positive answers are kept: an unknown user or key always goes to the database. At most
+_MAX_ENTRIES credentials are remembered; beyond that the least recently used one is forgotten.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from django.conf import settings
+
+from embedplatform.ttl_cache import TtlCache
 
 T = TypeVar("T")
 
 _MAX_ENTRIES = 10_000
-_entries: dict[Hashable, tuple[float, Any]] = {}
-_lock = threading.Lock()
+_entries: TtlCache[Hashable, Any] = TtlCache(
+    maxsize=_MAX_ENTRIES, ttl=lambda: settings.AUTH_CACHE_SECONDS
+)
 
 
 def remembered(key: Hashable, load: Callable[[], T | None]) -> T | None:
     """`load()`'s answer for `key`, from memory when it is fresh enough."""
-    ttl = settings.AUTH_CACHE_SECONDS
-    if ttl <= 0:
+    if settings.AUTH_CACHE_SECONDS <= 0:
         return load()
-    now = time.monotonic()
-    with _lock:
-        entry = _entries.get(key)
-    if entry is not None and entry[0] > now:
-        return entry[1]
+    known = _entries.get(key)
+    if known is not None:
+        return cast(T, known)
     value = load()
     if value is not None:
-        with _lock:
-            if len(_entries) >= _MAX_ENTRIES:
-                _entries.clear()  # crude, but bounded; a full cache refills in seconds
-            _entries[key] = (now + ttl, value)
+        _entries.put(key, value)
     return value
 
 
 def forget_all(**_: Any) -> None:
     """Signal receiver: any saved change to identities, tenants, plans or keys."""
-    with _lock:
-        _entries.clear()
+    _entries.clear()

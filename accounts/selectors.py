@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from accounts.credential_cache import remembered
 from accounts.models import ApiKey, Membership, QuotaPeriod, Tenant
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def api_key_by_prefix(prefix: str) -> ApiKey | None:
     return ApiKey.objects.select_related("tenant__plan").filter(prefix=prefix).first()
 
 
-def membership_for(*, user: AbstractBaseUser, tenant_ref: str | None) -> Membership | None:
+def membership_for(*, user: User, tenant_ref: str | None) -> Membership | None:
     """The membership a user's request acts through: the one `X-Tenant` names (by id), or the
     user's default one."""
     memberships = Membership.objects.select_related("tenant", "tenant__plan").filter(user=user)

@@ -8,10 +8,10 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework.exceptions import PermissionDenied
@@ -20,7 +20,10 @@ from accounts.credential_cache import remembered
 from accounts.models import ApiKey, Membership, Plan, SupabaseIdentity, Tenant
 from accounts.selectors import api_key_by_prefix
 
-User = get_user_model()
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+UserModel = get_user_model()
 
 
 @dataclass
@@ -30,7 +33,7 @@ class Caller:
     why and the permission check raises it (so the refused request is still logged as the
     caller's)."""
 
-    user: AbstractBaseUser | None
+    user: User | None
     api_key: ApiKey | None = None
     tenant: Tenant | None = None
     refusal: PermissionDenied | None = None
@@ -66,9 +69,7 @@ def get_default_plan() -> Plan:
     return Plan.objects.get(is_default=True)
 
 
-def create_tenant(
-    *, name: str, owner: AbstractBaseUser | None = None, plan: Plan | None = None
-) -> Tenant:
+def create_tenant(*, name: str, owner: User | None = None, plan: Plan | None = None) -> Tenant:
     with transaction.atomic():
         tenant = Tenant.objects.create(name=name, plan=plan or get_default_plan())
         if owner is not None:
@@ -76,9 +77,7 @@ def create_tenant(
     return tenant
 
 
-def add_member(
-    *, tenant: Tenant, user: AbstractBaseUser, role: str = Membership.Role.MEMBER
-) -> Membership:
+def add_member(*, tenant: Tenant, user: User, role: str = Membership.Role.MEMBER) -> Membership:
     """Adds `user` to `tenant`; the first tenant a user joins becomes their default."""
     with transaction.atomic():
         membership, _ = Membership.objects.get_or_create(
@@ -90,7 +89,7 @@ def add_member(
     return membership
 
 
-def ensure_personal_tenant(*, user: AbstractBaseUser) -> Tenant:
+def ensure_personal_tenant(*, user: User) -> Tenant:
     """The user's own tenant, created on first need (and their membership of it). Safe under
     concurrent first requests: the unique `personal_owner` makes one insert win, and the losers
     read the winner's row."""
@@ -120,11 +119,11 @@ def supabase_username(subject: str) -> str:
     return username
 
 
-def _create_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
+def _create_supabase_user(*, subject: str, email: str) -> User:
     for _ in range(2):
         try:
             with transaction.atomic():
-                user = User.objects.create(username=supabase_username(subject), email=email)
+                user = UserModel.objects.create(username=supabase_username(subject), email=email)
                 user.set_unusable_password()
                 user.save(update_fields=["password"])
                 SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
@@ -150,7 +149,7 @@ def _stale(seen_at: datetime | None, now: datetime) -> bool:
     return seen_at is None or (now - seen_at).total_seconds() >= LAST_SEEN_PRECISION_SECONDS
 
 
-def provision_supabase_user(*, subject: str, email: str) -> AbstractBaseUser:
+def provision_supabase_user(*, subject: str, email: str) -> User:
     """The local user for a Supabase `sub`; on its first token, a new user with a personal tenant.
 
     One indexed SELECT (identity joined with its user) for a known subject. A new subject's user,
@@ -172,7 +171,7 @@ def note_sign_in(*, identity: SupabaseIdentity, email: str) -> None:
     changes: dict[str, object] = {}
     if email and identity.email != email:
         changes["email"] = identity.email = email
-        User.objects.filter(pk=user.pk).update(email=email)
+        UserModel.objects.filter(pk=user.pk).update(email=email)
         user.email = email
     if _stale(identity.last_seen_at, now):
         changes["last_seen_at"] = identity.last_seen_at = now
@@ -198,7 +197,7 @@ def create_api_key(
     *,
     tenant: Tenant,
     name: str,
-    created_by: AbstractBaseUser | None = None,
+    created_by: User | None = None,
     expires_at: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """Returns the key row and the full secret, which is never stored and never shown again."""

@@ -75,7 +75,8 @@ def _row_cosines(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> 
     left = left.reshape(left.shape[0], -1) if left.ndim > 1 else left[None, :]
     right = right.reshape(right.shape[0], -1) if right.ndim > 1 else right[None, :]
     norms = np.linalg.norm(left, axis=1) * np.linalg.norm(right, axis=1)
-    return np.einsum("ij,ij->i", left, right) / np.maximum(norms, 1e-30)
+    cosines: np.ndarray = np.einsum("ij,ij->i", left, right) / np.maximum(norms, 1e-30)
+    return cosines
 
 
 def mean_cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:

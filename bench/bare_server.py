@@ -26,7 +26,7 @@ def _load() -> Callable[[list[str]], Any]:
         return lambda texts: [vector for _ in texts]
     import torch
 
-    from embeddings.runtime import load_encoder
+    from embeddings.encoder import load_encoder
 
     torch.set_num_threads(int(os.environ.get("BARE_TORCH_THREADS", "1")))
     encoder = load_encoder(

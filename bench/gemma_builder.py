@@ -308,7 +308,7 @@ def build_gemma_like_model(
     # fork_rng: seeding must not reset the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = Gemma3TextModel(config).to(torch.float32).eval()
+        backbone = Gemma3TextModel(config).float().eval()
 
     # Transformer() can only load from a directory, so stage the backbone next to the target
     # (not in /tmp, which may be RAM-backed and the full model is 1.2 GB).

@@ -21,6 +21,10 @@
 Sentences/s, p50/p95/p99 latency and ratios (to in-process batch 32 and to the bare server) are
 printed. The database and Redis are DATABASE_URL and REDIS_URL (PostgreSQL and Redis when set),
 or with --database sqlite the embedded default: SQLite in a temporary DATA_DIR and a local cache.
+
+Over 400 lines on purpose: `main()` runs the five steps above in order, in one place, so that a
+reader can check that every printed ratio compares figures of the same run. The py-spy profiling
+lives in bench/cpu_profile.py.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["MODEL_LOAD_ON_START"] = "false"
 os.environ.setdefault("CACHE_KEY_PREFIX", f"bench-{os.getpid()}")
+
+from bench.cpu_profile import profiled  # noqa: E402
 
 WORDS = (
     "embedding service tenants quota latency throughput model vector search query document "
@@ -76,7 +82,7 @@ def short_queries(count: int, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))) for _ in range(count)]
 
 
-WORKLOADS = {"short": short_queries, "sentence": sentences}
+WORKLOADS: dict[str, Callable[..., list[str]]] = {"short": short_queries, "sentence": sentences}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,7 +96,7 @@ def percentile(values: list[float], q: float) -> float:
 def in_process(
     model: str, quantization: str, seconds: float, workloads: list[str]
 ) -> dict[str, dict[str, Any]]:
-    from embeddings.runtime import load_encoder
+    from embeddings.encoder import load_encoder
 
     encoder = load_encoder(
         model_name=model,
@@ -180,7 +186,7 @@ def load(
         while time.perf_counter() < deadline:
             chunk = [pool[(offset + i) % len(pool)] for i in range(texts_per_request)]
             offset += texts_per_request
-            body = {"text": chunk[0]} if path == "/embed" else {"texts": chunk}
+            body: dict[str, Any] = {"text": chunk[0]} if path == "/embed" else {"texts": chunk}
             started = time.perf_counter()
             connection.request("POST", path, body=json.dumps(body), headers=headers)
             response = connection.getresponse()
@@ -270,45 +276,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-
-
-# Where a sampled stack's time goes: the innermost frame that matches a part names it.
-PARTS = [
-    ("logging", ("logging/__init__", "embedplatform/jsonlog")),
-    ("metrics", ("prometheus_client", "django_prometheus", "embedplatform/metrics")),
-    ("Redis", ("redis/", "django_redis", "django_ratelimit")),
-    ("SQL", ("django/db/", "psycopg", "sqlite3")),
-    ("tokenization", ("tokenizers", "count_tokens", "tokenization_utils")),
-    ("model", ("torch/", "sentence_transformers", "transformers/")),
-    ("batcher hand-off", ("embeddings/batching", "concurrent/futures", "threading.py")),
-    ("rendering", ("renderers", "orjson", "json/encoder", "embeddings/views.py")),
-    ("authentication", ("accounts/authentication", "accounts/jwt", "jwt/", "credential_cache")),
-    ("metering", ("accounts/metering", "accounts/ratelimit", "accounts/permissions")),
-    ("DRF", ("rest_framework",)),
-    ("HTTP parsing", ("gunicorn/http", "django/core/handlers/wsgi", "django/http/request")),
-    ("middleware", ("middleware", "django/utils/deprecation", "django/core/handlers")),
-    ("gunicorn", ("gunicorn",)),
-]
-
-
-def part_of(stack: str) -> str:
-    frames = stack.split(";")
-    for frame in reversed(frames):
-        for part, needles in PARTS:
-            if any(needle in frame for needle in needles):
-                return part
-    return "other"
-
-
-def profile_breakdown(raw: Path, rate: int, requests: int) -> list[tuple[str, float]]:
-    """CPU microseconds per request by part, from py-spy's raw (collapsed) output."""
-    samples: Counter[str] = Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            samples[part_of(stack)] += int(count)
-    per_request = 1e6 / rate / max(1, requests)
-    return [(part, count * per_request) for part, count in samples.most_common()]
 
 
 def main() -> None:
@@ -438,7 +405,7 @@ def main() -> None:
 
     ceiling_runs: dict[str, dict[str, Any]] = {}
     if args.ceiling:
-        from embeddings.gemma_builder import build_gemma_like_model
+        from bench.gemma_builder import build_gemma_like_model
 
         tiny_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-tiny-"))
         tiny = build_gemma_like_model(tiny_dir / "gemma-tiny", size="tiny")
@@ -504,39 +471,6 @@ def main() -> None:
         print(f"\nCPU per 1-text short request (py-spy, all workers): {total:.0f} us")
         for part, value in profile:
             print(f"  {part:<18} {value:8.0f} us  {value / total:5.1%}")
-
-
-def profiled(
-    service: Any, run: Any, runs: dict[str, dict[str, Any]], name: str
-) -> list[tuple[str, float]]:
-    """Runs `run()` with py-spy sampling every gunicorn process of `service`."""
-    rate = 250
-    raw = Path(tempfile.mkdtemp(prefix="bench-profile-")) / "stacks.txt"
-    spy = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "py-spy"),
-            "record",
-            "--pid",
-            str(service.process.pid),
-            "--subprocesses",
-            "--nonblocking",
-            "--rate",
-            str(rate),
-            "--format",
-            "raw",
-            "--output",
-            str(raw),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(1.0)  # py-spy attaches
-    try:
-        runs[name] = run()
-    finally:
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
-    return profile_breakdown(raw, rate, runs[name]["requests"])
 
 
 if __name__ == "__main__":

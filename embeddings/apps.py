@@ -1,4 +1,4 @@
-"""Loads the model once per serving process, when Django starts."""
+"""The embeddings app; a serving process that gunicorn does not start is told to serve here."""
 
 from __future__ import annotations
 
@@ -6,22 +6,17 @@ import os
 import sys
 
 from django.apps import AppConfig
-from django.conf import settings
-
-# Commands that serve requests; every other management command (migrate, check, shell, ...)
-# starts without paying for a model load.
-SERVING_COMMANDS = {"runserver"}
 
 
-def is_serving_process(argv: list[str] | None = None) -> bool:
+def serves_without_gunicorn(argv: list[str] | None = None) -> bool:
+    """Whether this process serves requests through something other than gunicorn (whose workers
+    start from its `post_worker_init` hook): a server that says so with EMBEDPLATFORM_SERVING=1,
+    or the child of `manage.py runserver` that serves (its autoreloader parent only watches files).
+    """
+    if os.environ.get("EMBEDPLATFORM_SERVING") == "1":
+        return True
     argv = sys.argv if argv is None else argv
-    if os.environ.get("EMBEDPLATFORM_SERVING") == "1":  # set by gunicorn.conf.py
-        return True
-    program = os.path.basename(argv[0]) if argv else ""
-    if "gunicorn" in program:
-        return True
-    if program == "manage.py" and len(argv) > 1 and argv[1] in SERVING_COMMANDS:
-        # runserver's autoreloader parent only watches files; its child (RUN_MAIN) serves.
+    if len(argv) > 1 and os.path.basename(argv[0]) == "manage.py" and argv[1] == "runserver":
         return "--noreload" in argv or os.environ.get("RUN_MAIN") == "true"
     return False
 
@@ -31,12 +26,9 @@ class EmbeddingsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from embeddings import token_inputs  # registers its system check
+        from embeddings import token_inputs  # noqa: F401  # registers its system check
 
-        if is_serving_process():
-            token_inputs.prepare()
-        if settings.MODEL_LOAD_ON_START and is_serving_process():
-            from embeddings.runtime import ensure_loaded
+        if serves_without_gunicorn():
+            from embedplatform.serving import start_serving_process
 
-            # A failure propagates: a worker without its model must not serve.
-            ensure_loaded()
+            start_serving_process()

@@ -343,6 +343,7 @@ class Batcher:
             job.rows[index] = row
             job.remaining -= 1
             if job.remaining == 0:
+                # [arg-type]: rows are Optional until filled; remaining == 0 says all are.
                 _settle(job.future, result=np.stack(job.rows))  # type: ignore[arg-type]
 
 
@@ -358,6 +359,7 @@ def _settle(
         if exception is not None:
             future.set_exception(exception)
         else:
-            future.set_result(result)  # type: ignore[arg-type]
+            assert result is not None  # callers give a result or an exception
+            future.set_result(result)
     except InvalidStateError:
         pass

@@ -16,7 +16,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from embeddings.runtime import Encoder, get_runtime
+from embeddings.encoder import Encoder
+from embeddings.runtime import get_runtime
 from embedplatform.error_codes import CATALOGUE
 from embedplatform.errors import ErrorDetailSerializer
 

@@ -19,7 +19,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.permissions import HasActiveTenant
-from embeddings.runtime import accepted_model_names, bundled_model_path
+from embeddings.encoder import bundled_model_path
+from embeddings.runtime import accepted_model_names
 from embeddings.services import require_runtime
 from embedplatform.errors import ModelNotFound
 from embedplatform.schema import (
@@ -64,7 +65,11 @@ class OpenAIModelSerializer(serializers.Serializer):
 
 class OpenAIModelListSerializer(serializers.Serializer):
     object = serializers.CharField(help_text="Always `list`.")
-    data = OpenAIModelSerializer(many=True, help_text="The served model first, then its aliases.")
+    # OpenAI's shape names a field "data", which the stubs read as overriding Serializer.data;
+    # DRF's metaclass takes declared fields off the class, so at run time it does not.
+    data = OpenAIModelSerializer(  # type: ignore[assignment]
+        many=True, help_text="The served model first, then its aliases."
+    )
 
 
 def _model_files_time() -> int:

@@ -16,14 +16,8 @@ import numpy as np
 from django.conf import settings
 
 from accounts.metering.meter import Meter
-from embeddings.runtime import (
-    InputTooLong,
-    Runtime,
-    Tokenized,
-    TokenPiece,
-    TruncationDirection,
-    get_runtime,
-)
+from embeddings.encoder import InputTooLong, Tokenized, TokenPiece, TruncationDirection
+from embeddings.runtime import Runtime, get_runtime
 from embedplatform.error_codes import CATALOGUE
 from embedplatform.errors import InvalidField, ServiceUnavailable
 

@@ -2,8 +2,8 @@
 
 They are deployment checks: a development server on the embedded default (no Redis, a generated
 JWT secret) is what that default is for. gunicorn runs no system checks, so a serving process also
-logs each warning once at start (`log_configuration_warnings`), under the event name operators
-already watch for.
+logs each warning once at start (`log_configuration_warnings`, called by
+embedplatform/serving.py), under the event name operators already watch for.
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ try:
     from redis.exceptions import TimeoutError as _RedisTimeoutError
     from redis.retry import Retry
 except ImportError:  # pragma: no cover
+    # [assignment,misc]: without redis a stand-in base, never instantiated (no Redis to reach).
     _RedisConnection = object  # type: ignore[assignment,misc]
 
 
-class FailFastRedisConnection(_RedisConnection):  # type: ignore[misc,valid-type]
+class FailFastRedisConnection(_RedisConnection):
     """A Redis connection (CACHES' connection_class) that does not retry, and that, once Redis
     failed a request, fails that request's further calls at once: a request makes a dozen cache
     calls (credentials, rate limits, quota), and each waiting out REDIS_SOCKET_TIMEOUT against a

@@ -86,10 +86,8 @@ else:
 if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
     worker_tmp_dir = "/dev/shm"
 
-# Tell the app it is serving, so the embeddings app loads the model in each worker; and size
-# torch's threads to this worker's share of the cores (embeddings.runtime.torch_threads reads
-# TORCH_THREADS and WEB_CONCURRENCY from settings).
-os.environ["EMBEDPLATFORM_SERVING"] = "1"
+# Size torch's threads to each worker's share of the cores (embeddings.encoder.torch_threads
+# reads TORCH_THREADS and WEB_CONCURRENCY from settings).
 os.environ["WEB_CONCURRENCY"] = str(workers)
 if _env_int("TORCH_THREADS", 0) <= 0:
     os.environ["TORCH_THREADS"] = str(torch_threads_per_worker(workers, cores))
@@ -131,6 +129,16 @@ def on_starting(server: Any) -> None:
             "max_requests_jitter": max_requests_jitter,
         },
     )
+
+
+def post_worker_init(worker: Any) -> None:
+    # In each worker, once Django is set up and before it takes its first request or checks in
+    # (so GUNICORN_TIMEOUT covers the model load): the configuration warnings, token-id input and,
+    # with MODEL_LOAD_ON_START, the model. A failure here stops the worker from booting, and
+    # gunicorn from starting, as a broken model must.
+    from embedplatform.serving import start_serving_process
+
+    start_serving_process()
 
 
 def child_exit(server: Any, worker: Any) -> None:

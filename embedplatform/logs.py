@@ -73,6 +73,7 @@ class RequestLogContextMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        # [attr-defined]: set by RequestIdMiddleware, which runs first.
         current_request_id.set(request.request_id)  # type: ignore[attr-defined]
         return self.get_response(request)
 

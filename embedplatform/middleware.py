@@ -18,7 +18,7 @@ _ACCEPTABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id_for(request: HttpRequest) -> str:
-    supplied = request.META.get("HTTP_X_REQUEST_ID", "")
+    supplied: str = request.META.get("HTTP_X_REQUEST_ID", "")
     if _ACCEPTABLE_REQUEST_ID.fullmatch(supplied):
         return supplied
     return uuid.uuid4().hex
@@ -29,9 +29,11 @@ class RequestIdMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        request.request_id = request_id_for(request)  # type: ignore[attr-defined]
+        # [attr-defined]: our attribute on Django's request, as auth's request.user is.
+        request_id = request_id_for(request)
+        request.request_id = request_id  # type: ignore[attr-defined]
         response = self.get_response(request)
-        response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
+        response["x-request-id"] = request_id
         return response
 
 
@@ -49,6 +51,7 @@ class ProbeHostMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path_info in PROBE_PATHS:
             host = request.META.get("HTTP_HOST") or request.META.get("SERVER_NAME", "")
+            # [method-assign]: this request alone answers for the address the probe used.
             request.get_host = lambda: host  # type: ignore[method-assign]
         return self.get_response(request)
 
@@ -74,5 +77,5 @@ class ChunkedBodyMiddleware:
             if len(body) > limit:
                 return api_error_response(request_too_large())
             meta["CONTENT_LENGTH"] = str(len(body))
-            request._stream = io.BytesIO(body)  # type: ignore[attr-defined]
+            request._stream = io.BytesIO(body)
         return self.get_response(request)

@@ -65,10 +65,10 @@ def encode_wait_seconds(default: float) -> float:
 try:
     from gunicorn.workers.gthread import ThreadWorker
 except ImportError:  # pragma: no cover - not under gunicorn
-    ThreadWorker = object  # type: ignore[assignment,misc]
+    ThreadWorker = object
 
 
-class GracefulThreadWorker(ThreadWorker):  # type: ignore[misc,valid-type]
+class GracefulThreadWorker(ThreadWorker):
     def handle_exit(self, sig: Any, frame: Any) -> None:
         if self.alive:
             begin_stopping(self.cfg.graceful_timeout)

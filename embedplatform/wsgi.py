@@ -19,7 +19,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "embedplatform.settings")
 try:  # gunicorn's own body errors; absent when another server runs the app
     from gunicorn.http.errors import ParseException as _ServerParseError
 except ImportError:  # pragma: no cover
-    _ServerParseError = OSError  # type: ignore[assignment,misc]
+    _ServerParseError = OSError
 
 _BROKEN_BODY = (OSError, _ServerParseError)
 

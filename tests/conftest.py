@@ -26,6 +26,7 @@ from rest_framework.test import APIClient
 from accounts import services
 from accounts.jwt import mint_token
 from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
+from embeddings import encoder as encoder_module
 from embeddings import runtime
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
@@ -52,9 +53,9 @@ class FakeEncoder:
 
     def tokenize(
         self, texts: list[str], *, prompt: str, truncation_direction: str = "right"
-    ) -> runtime.Tokenized:
+    ) -> encoder_module.Tokenized:
         whole = [len((prompt + text).split()) + 2 for text in texts]
-        return runtime.Tokenized(
+        return encoder_module.Tokenized(
             prompt=prompt,
             inputs=list(texts),
             token_counts=self.count_tokens(texts, prompt),
@@ -84,17 +85,17 @@ class FakeEncoder:
 
     def token_pieces(
         self, texts: list[str], *, add_special_tokens: bool
-    ) -> list[list[runtime.TokenPiece]]:
+    ) -> list[list[encoder_module.TokenPiece]]:
         rows = []
         for text in texts:
             pieces = []
             for match in re.finditer(r"\S+", text):
                 word = match.group()
                 token_id = int(hashlib.sha256(word.encode()).hexdigest(), 16) % self.vocab_size
-                pieces.append(runtime.TokenPiece(token_id, word, False, *match.span()))
+                pieces.append(encoder_module.TokenPiece(token_id, word, False, *match.span()))
             if add_special_tokens:
-                pieces = [runtime.TokenPiece(1, "", True, 0, 0), *pieces]
-                pieces.append(runtime.TokenPiece(2, "", True, 0, 0))
+                pieces = [encoder_module.TokenPiece(1, "", True, 0, 0), *pieces]
+                pieces.append(encoder_module.TokenPiece(2, "", True, 0, 0))
             rows.append(pieces)
         return rows
 
@@ -112,15 +113,15 @@ def fake_encoder() -> Iterator[FakeEncoder]:
 
 
 @pytest.fixture(scope="session")
-def minilm_encoder() -> runtime.SentenceTransformerEncoder:
+def minilm_encoder() -> encoder_module.SentenceTransformerEncoder:
     """The bundled all-MiniLM-L6-v2, loaded once for the session."""
-    return runtime.load_encoder(
+    return encoder_module.load_encoder(
         model_name="", quantization="fp32", max_seq_length=256, hf_token=None
     )
 
 
 @pytest.fixture
-def minilm(minilm_encoder: runtime.SentenceTransformerEncoder) -> Iterator[Any]:
+def minilm(minilm_encoder: encoder_module.SentenceTransformerEncoder) -> Iterator[Any]:
     runtime.install_runtime(minilm_encoder)
     yield minilm_encoder
     runtime.install_runtime(None)
@@ -135,8 +136,8 @@ def gemma_tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gemma_encoder(gemma_tiny_path: Path) -> runtime.SentenceTransformerEncoder:
-    return runtime.load_encoder(
+def gemma_encoder(gemma_tiny_path: Path) -> encoder_module.SentenceTransformerEncoder:
+    return encoder_module.load_encoder(
         model_name=str(gemma_tiny_path),
         quantization="fp32",
         max_seq_length=2048,
@@ -145,7 +146,7 @@ def gemma_encoder(gemma_tiny_path: Path) -> runtime.SentenceTransformerEncoder:
 
 
 @pytest.fixture
-def gemma(gemma_encoder: runtime.SentenceTransformerEncoder) -> Iterator[Any]:
+def gemma(gemma_encoder: encoder_module.SentenceTransformerEncoder) -> Iterator[Any]:
     runtime.install_runtime(gemma_encoder)
     yield gemma_encoder
     runtime.install_runtime(None)
@@ -200,7 +201,7 @@ def alice(db: None) -> Person:
 @pytest.fixture
 def bob(alice: Person) -> Person:
     subject, email = _person("bob")
-    user = services.User.objects.create(username=f"supabase:{subject}", email=email)
+    user = services.UserModel.objects.create(username=f"supabase:{subject}", email=email)
     SupabaseIdentity.objects.create(user=user, subject=subject, email=email)
     services.add_member(tenant=alice.tenant, user=user, role=Membership.Role.MEMBER)
     return Person(user=user, tenant=alice.tenant, subject=subject, email=email)

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts import services
-from accounts.admin import UsageLogAdmin, UsageLogPaginator
+from accounts.admin.usage import UsageLogAdmin, UsageLogPaginator
 from accounts.models import ApiKey, Membership, Plan, QuotaPeriod, UsageLog
 from accounts.selectors import current_period_start
 from tests.conftest import usage_row

@@ -19,7 +19,7 @@ from django.utils import timezone
 from accounts import services
 from accounts.models import ApiKey, Tenant, UsageLog
 from tests.conftest import FakeEncoder, Person
-from tests.test_embed_api import assert_error
+from tests.helpers import assert_error, embed
 
 pytestmark = pytest.mark.django_db
 
@@ -29,16 +29,6 @@ def create_key(**options: Any) -> tuple[str, str]:
     out, err = io.StringIO(), io.StringIO()
     call_command("create_api_key", stdout=out, stderr=err, **options)
     return out.getvalue(), err.getvalue()
-
-
-def embed(key: str, **headers: Any) -> Any:
-    return Client().post(
-        "/embed",
-        {"text": "hello world"},
-        content_type="application/json",
-        HTTP_AUTHORIZATION=f"Bearer {key}",
-        **headers,
-    )
 
 
 def test_it_prints_a_new_key_once_and_the_key_works(

@@ -29,8 +29,8 @@ from django.utils import timezone
 from accounts import services
 from accounts.models import UsageLog
 from tests.conftest import FakeEncoder, Person
+from tests.helpers import assert_error
 from tests.jwks_server import FakeSupabase, SigningKey, generate_key
-from tests.test_embed_api import assert_error
 
 pytestmark = pytest.mark.django_db
 

@@ -348,7 +348,8 @@ def test_it_answers_503_model_overloaded_with_retry_after_and_charges_nothing(
 
     def held(inputs: list[str], prompt: str) -> np.ndarray:
         assert gate.wait(10)
-        return encode(inputs, prompt)
+        vectors: np.ndarray = encode(inputs, prompt)
+        return vectors
 
     fake_encoder.encode_tokenized = held
     current = runtime.install_runtime(fake_encoder)

@@ -306,7 +306,7 @@ def test_it_reads_native_token_ids_when_told_to(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from embeddings.runtime import bundled_model_path
+    from embeddings.encoder import bundled_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_path()))
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS[:2]]

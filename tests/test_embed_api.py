@@ -17,6 +17,7 @@ from django.test import Client
 
 from accounts.models import UsageLog
 from tests.conftest import FakeEncoder, Person
+from tests.helpers import assert_error
 
 pytestmark = pytest.mark.django_db
 
@@ -32,31 +33,6 @@ def post(person: Person, path: str, body: Any, *, raw: bytes | None = None, **ex
     content = raw if raw is not None else json.dumps(body)
     content_type = extra.pop("content_type", "application/json")
     return client.post(path, content, content_type=content_type, **person.client_headers, **extra)
-
-
-def assert_error(
-    response: Any,
-    status: int,
-    *,
-    error_type: str | None = None,
-    code: str | None = None,
-    param: str | None = None,
-) -> dict[str, Any]:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    if error_type is not None:
-        assert error["type"] == error_type
-    if code is not None:
-        assert error["code"] == code
-    if param is not None:
-        assert error["param"] == param
-    return error
 
 
 def vector(values: list[float]) -> np.ndarray:

@@ -112,6 +112,7 @@ def test_it_gives_the_request_id_to_lines_after_the_view_and_forgets_it_when_the
         return HttpResponse(status=503)
 
     request = RequestFactory().get("/embed")
+    # [attr-defined]: what RequestIdMiddleware sets on a real request.
     request.request_id = "abc-123"  # type: ignore[attr-defined]
     request_started.send(sender=None)
     RequestLogContextMiddleware(view)(request)

@@ -16,7 +16,7 @@ from tests.conftest import FakeEncoder, Person
 pytestmark = pytest.mark.django_db
 
 
-def get(path: str, person: Person | None = None, **headers: str) -> Any:
+def get(path: str, person: Person | None = None, **headers: Any) -> Any:
     credentials = person.client_headers if person else {}
     return APIClient().get(path, **credentials, **headers)
 
@@ -47,7 +47,7 @@ def test_it_lists_the_served_model_and_its_aliases_in_openais_shape(
 def test_it_names_the_hub_organisation_and_the_files_time_of_the_bundled_model(
     alice: Person, minilm: Any
 ) -> None:
-    from embeddings.runtime import bundled_model_path
+    from embeddings.encoder import bundled_model_path
 
     (served, short) = get("/v1/models", alice).json()["data"]
 

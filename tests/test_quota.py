@@ -25,15 +25,8 @@ from accounts.selectors import (
     quota_periods,
 )
 from tests.conftest import FakeEncoder, Person
+from tests.helpers import assert_error, embed
 from tests.service import Service, start_service
-from tests.test_embed_api import assert_error
-
-
-def embed(person: Person, text: str = "hello world") -> Any:
-    # "hello world" is 4 tokens to the fake encoder: two words and two special tokens.
-    return Client().post(
-        "/embed", {"text": text}, content_type="application/json", **person.client_headers
-    )
 
 
 def spend(tenant: Tenant, tokens: int, *, month: date | None = None) -> None:

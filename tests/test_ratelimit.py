@@ -24,25 +24,14 @@ from prometheus_client import REGISTRY
 from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
 from accounts.selectors import current_period_start
 from tests.conftest import FakeEncoder, Person
+from tests.helpers import assert_error, embed
 from tests.service import ROOT, free_port
-from tests.test_embed_api import assert_error
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("frozen_rate_window")]
 
 REQUEST_HEADERS = ("limit-requests", "remaining-requests", "reset-requests")
 TOKEN_HEADERS = ("limit-tokens", "remaining-tokens", "reset-tokens")
 ALL_HEADERS = [f"x-ratelimit-{name}" for name in (*REQUEST_HEADERS, *TOKEN_HEADERS)]
-
-
-def embed(person: Person, text: str = "hello world", **headers: Any) -> Any:
-    # "hello world" is 4 tokens to the fake encoder.
-    return Client().post(
-        "/embed",
-        {"text": text},
-        content_type="application/json",
-        **person.client_headers,
-        **headers,
-    )
 
 
 def limit(tenant: Tenant, *, requests: int | None = None, tokens: int | None = None) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from accounts.models import UsageLog
+from embeddings import encoder as encoder_module
 from embeddings import runtime
 from tests.conftest import Person
 from tests.service import Service, start_service
@@ -28,7 +29,9 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
 
 
-def reference(encoder: runtime.SentenceTransformerEncoder, texts: list[str], prompt: str) -> Any:
+def reference(
+    encoder: encoder_module.SentenceTransformerEncoder, texts: list[str], prompt: str
+) -> Any:
     return encoder.model.encode(
         texts,
         prompt=prompt or None,
@@ -39,25 +42,25 @@ def reference(encoder: runtime.SentenceTransformerEncoder, texts: list[str], pro
 
 
 @pytest.fixture(params=["minilm_encoder", "gemma_encoder"])
-def encoder(request: pytest.FixtureRequest) -> runtime.SentenceTransformerEncoder:
-    value: runtime.SentenceTransformerEncoder = request.getfixturevalue(request.param)
+def encoder(request: pytest.FixtureRequest) -> encoder_module.SentenceTransformerEncoder:
+    value: encoder_module.SentenceTransformerEncoder = request.getfixturevalue(request.param)
     return value
 
 
 @pytest.fixture
-def run(encoder: runtime.SentenceTransformerEncoder) -> Iterator[runtime.Runtime]:
+def run(encoder: encoder_module.SentenceTransformerEncoder) -> Iterator[runtime.Runtime]:
     current = runtime.install_runtime(encoder)
     assert current is not None
     yield current
     runtime.install_runtime(None)
 
 
-def prompts_of(encoder: runtime.SentenceTransformerEncoder) -> list[str]:
+def prompts_of(encoder: encoder_module.SentenceTransformerEncoder) -> list[str]:
     return sorted({"", *encoder.prompts.values()})[:2]
 
 
 def test_it_embeds_exactly_what_sentence_transformers_encode_gives(
-    encoder: runtime.SentenceTransformerEncoder,
+    encoder: encoder_module.SentenceTransformerEncoder,
 ) -> None:
     for prompt in prompts_of(encoder):
         ours = encoder.encode_tokenized(encoder.tokenize(TEXTS, prompt=prompt).inputs, prompt)
@@ -66,7 +69,7 @@ def test_it_embeds_exactly_what_sentence_transformers_encode_gives(
 
 
 def test_it_reads_the_same_token_ids_as_sentence_transformers(
-    encoder: runtime.SentenceTransformerEncoder,
+    encoder: encoder_module.SentenceTransformerEncoder,
 ) -> None:
     for prompt in prompts_of(encoder):
         features = encoder.model.preprocess(TEXTS, prompt=prompt or None)
@@ -80,7 +83,7 @@ def test_it_reads_the_same_token_ids_as_sentence_transformers(
 
 
 def test_it_keeps_matryoshka_truncation_as_encode_does(
-    encoder: runtime.SentenceTransformerEncoder,
+    encoder: encoder_module.SentenceTransformerEncoder,
 ) -> None:
     with encoder.model.truncate_embeddings(32):
         ours = encoder.encode_tokenized(encoder.tokenize(TEXTS, prompt="").inputs, "")
@@ -91,7 +94,7 @@ def test_it_keeps_matryoshka_truncation_as_encode_does(
 
 def test_it_tokenizes_each_text_once(run: runtime.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     encoder = run.encoder
-    assert isinstance(encoder, runtime.SentenceTransformerEncoder)
+    assert isinstance(encoder, encoder_module.SentenceTransformerEncoder)
     tokenizer_class = type(encoder.model.tokenizer)
     prompt = prompts_of(encoder)[-1]
     run.embed(run.tokenize(["warm the prompt up"], prompt=prompt))
@@ -110,7 +113,7 @@ def test_it_tokenizes_each_text_once(run: runtime.Runtime, monkeypatch: pytest.M
 
 
 def test_it_cuts_a_huge_text_to_its_character_budget_before_tokenizing(
-    encoder: runtime.SentenceTransformerEncoder, monkeypatch: pytest.MonkeyPatch
+    encoder: encoder_module.SentenceTransformerEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     huge = "Tenants share one model. " * 42_000  # about 1 MB
     lengths: list[int] = []
@@ -134,7 +137,7 @@ def test_it_cuts_a_huge_text_to_its_character_budget_before_tokenizing(
 
 
 def test_it_loses_no_token_when_the_tokenizer_drops_most_characters(
-    encoder: runtime.SentenceTransformerEncoder,
+    encoder: encoder_module.SentenceTransformerEncoder,
 ) -> None:
     # Whitespace yields no tokens: the first cut holds too few, so the budget grows.
     sparse = ("word" + " " * 300) * 3000
@@ -145,7 +148,7 @@ def test_it_loses_no_token_when_the_tokenizer_drops_most_characters(
 
 
 def test_it_truncates_on_the_left_keeping_the_prompt_and_the_end(
-    gemma_encoder: runtime.SentenceTransformerEncoder,
+    gemma_encoder: encoder_module.SentenceTransformerEncoder,
 ) -> None:
     prompt = gemma_encoder.prompts["query"]
     text = "beginning " + "middle " * 3000 + "the very end"
@@ -169,12 +172,13 @@ def test_it_refuses_an_over_long_input_before_model_work_when_asked_not_to_trunc
 ) -> None:
     limit = run.encoder.max_seq_length
     long_text = "word " * (limit + 10)
-    with pytest.raises(runtime.InputTooLong) as refused:
+    with pytest.raises(encoder_module.InputTooLong) as refused:
         run.tokenize(["fine", long_text], prompt="", truncate=False)
     assert (refused.value.index, refused.value.limit, refused.value.at_least) == (1, limit, False)
+    # [attr-defined]: the Encoder protocol hides the real encoder's sentence-transformers model.
     whole = run.encoder.model.tokenizer(long_text, verbose=False)["input_ids"]  # type: ignore[attr-defined]
     assert refused.value.tokens == len(whole) > limit
-    with pytest.raises(runtime.InputTooLong) as huge:
+    with pytest.raises(encoder_module.InputTooLong) as huge:
         run.tokenize(["word " * 200_000], prompt="", truncate=False)
     assert huge.value.at_least
     assert huge.value.tokens > limit
@@ -185,7 +189,7 @@ def test_it_refuses_an_over_long_input_before_model_work_when_asked_not_to_trunc
 
 @pytest.mark.django_db
 def test_it_charges_a_1_mb_text_the_tokens_it_embedded(
-    alice: Person, api: Any, minilm: runtime.SentenceTransformerEncoder
+    alice: Person, api: Any, minilm: encoder_module.SentenceTransformerEncoder
 ) -> None:
     response = api.post(
         "/embed",

@@ -19,19 +19,9 @@ from accounts import services
 from accounts.jwt import mint_token
 from accounts.models import Membership, Plan, SupabaseIdentity, Tenant, UsageLog
 from tests.conftest import FakeEncoder, Person
-from tests.test_embed_api import assert_error
+from tests.helpers import assert_error, embed
 
 User = get_user_model()
-
-
-def embed(person: Person, **headers: Any) -> Any:
-    return Client().post(
-        "/embed",
-        {"text": "hello world"},
-        content_type="application/json",
-        **person.client_headers,
-        **headers,
-    )
 
 
 def usage(person: Person, **headers: Any) -> Any:

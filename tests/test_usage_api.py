@@ -17,15 +17,9 @@ from django.utils import timezone
 
 from accounts.models import UsageLog
 from tests.conftest import FakeEncoder, Person, usage_row
-from tests.test_embed_api import assert_error
+from tests.helpers import assert_error, embed
 
 pytestmark = pytest.mark.django_db
-
-
-def embed(person: Person, body: Any, path: str = "/embed", **headers: Any) -> Any:
-    return Client().post(
-        path, body, content_type="application/json", **person.client_headers, **headers
-    )
 
 
 def usage(person: Person, **headers: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 
 from accounts.models import Plan
-from embeddings import runtime
+from embeddings import encoder, runtime
 from tests.conftest import FakeEncoder, Person
 
 pytestmark = pytest.mark.django_db
@@ -33,7 +33,7 @@ def submissions(fake_encoder: FakeEncoder, monkeypatch: pytest.MonkeyPatch) -> l
     sizes: list[int] = []
     embed = served.embed
 
-    def spy(tokenized: runtime.Tokenized, **kwargs: Any) -> Any:
+    def spy(tokenized: encoder.Tokenized, **kwargs: Any) -> Any:
         sizes.append(len(tokenized.inputs))
         caps.append(kwargs.get("max_texts_in_flight"))
         return embed(tokenized, **kwargs)

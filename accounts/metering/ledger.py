@@ -10,7 +10,6 @@ its quota: that lets a request go on to the charge, which decides, and never ser
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
@@ -24,6 +23,7 @@ from accounts.selectors import current_period_start
 from accounts.services import Caller
 from embedplatform import metrics
 from embedplatform.errors import QuotaExceeded
+from embedplatform.ttl_cache import TtlCache
 
 _QUOTA = QuotaPeriod._meta.db_table
 _USAGE = UsageLog._meta.db_table
@@ -106,11 +106,13 @@ class UsageRecord:
         }
 
 
-# What this process last saw of each tenant: (month, tokens spent, quota, when). The pre-check
-# trusts it for QUOTA_PRECHECK_CACHE_SECONDS while the tenant is far (10%) from its quota; other
-# workers may have charged meanwhile, hence the headroom. Only ever a reason to go on to the
-# charge, which reads the live rows.
-_seen: dict[int, tuple[date, int, int, float]] = {}
+# What this process last saw of each tenant: (month, tokens spent, quota). The pre-check trusts
+# it for QUOTA_PRECHECK_CACHE_SECONDS while the tenant is far (10%) from its quota; other workers
+# may have charged meanwhile, hence the headroom. Only ever a reason to go on to the charge,
+# which reads the live rows. Bounded: the least recently seen tenants leave first.
+_seen: TtlCache[int, tuple[date, int, int]] = TtlCache(
+    maxsize=10_000, ttl=lambda: settings.QUOTA_PRECHECK_CACHE_SECONDS
+)
 _PRECHECK_HEADROOM = 0.1
 
 
@@ -125,7 +127,7 @@ def _standing(*, tenant_id: int, period_start: date) -> tuple[int, int]:
         cursor.execute(_STANDING_SQL, params)
         quota, spent = cursor.fetchone()
     quota = settings.MONTHLY_TOKEN_QUOTA if quota is None else int(quota)  # tenant deleted
-    _seen[tenant_id] = (period_start, int(spent), quota, time.monotonic())
+    _seen.put(tenant_id, (period_start, int(spent), quota))
     return quota, int(spent)
 
 
@@ -136,7 +138,6 @@ def check_quota(*, tenant_id: int, tokens: int) -> None:
     if (
         seen is not None
         and seen[0] == period_start
-        and time.monotonic() - seen[3] < settings.QUOTA_PRECHECK_CACHE_SECONDS
         and seen[1] + tokens <= seen[2] * (1 - _PRECHECK_HEADROOM)
     ):
         return
@@ -165,8 +166,8 @@ def _charge_params(record: UsageRecord, period_start: date) -> dict[str, Any]:
 
 def _note_spent(tenant_id: int, period_start: date, spent: int) -> None:
     seen = _seen.get(tenant_id)
-    quota = seen[2] if seen is not None else settings.MONTHLY_TOKEN_QUOTA
-    _seen[tenant_id] = (period_start, spent, quota, time.monotonic())
+    if seen is not None:  # else the next pre-check reads the quota from the database
+        _seen.put(tenant_id, (period_start, spent, seen[2]))
 
 
 def charge_and_log(*, record: UsageRecord) -> None:

@@ -22,6 +22,7 @@ import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
-    return madvise
+    return cast("Callable[[int, int, int], int]", madvise)
 
 
 def _unwritten_file_mappings() -> Iterator[_Mapping]:

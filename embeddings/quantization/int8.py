@@ -91,6 +91,13 @@ class Int8Linear(nn.Module):
     quantized model never holds fp32 weight copies. See :data:`Int8Kernel` for the kernels.
     """
 
+    # Buffers (registered below): declared so the checker sees tensors, not Module.__getattr__'s
+    # Tensor | Module.
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_sum: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         weight: torch.Tensor,
@@ -171,6 +178,7 @@ class Int8Linear(nn.Module):
         return weight.copy_(self.weight).mul_(self.weight_scale[:, None])
 
     def _dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.weight_sum is not None  # registered for this kernel
         if x.shape[0] == 0:
             return x.new_empty((0, self.out_features))
         # Per-token asymmetric range: post-GELU inputs are mostly positive, so a symmetric range
@@ -198,6 +206,9 @@ class Int8Embedding(nn.Module):
     ``output_scale`` carries Gemma3's ``embed_scale`` (sqrt(hidden_size)) that
     ``Gemma3TextScaledWordEmbedding`` multiplies into every lookup.
     """
+
+    weight: torch.Tensor  # buffers, declared as in Int8Linear
+    row_scale: torch.Tensor
 
     def __init__(
         self,

@@ -124,7 +124,9 @@ def _apply_half_precision(
 ) -> None:
     backbones = _backbones(model)
     for module in backbones:
-        detach_from_checkpoint(module.auto_model, pages=pages, dtype=dtype)
+        backbone = module.auto_model
+        assert isinstance(backbone, nn.Module)  # _backbones picked modules whose auto_model is one
+        detach_from_checkpoint(backbone, pages=pages, dtype=dtype)
         module.register_forward_hook(_cast_features_hook)
     # Heads stay fp32: a few MB, and their inputs arrive as fp32 from the hook above.
     for module in model.children():

@@ -20,6 +20,8 @@ from embedplatform.faults import bounded_round_trip, database_failed_in_this_req
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
+    health_check_done: bool  # Django's; its base here is untyped (django_prometheus)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.execute_wrappers.append(self._bounded_execute)

@@ -1,0 +1,84 @@
+"""CPU per request by part of the stack, sampled by py-spy from a running gunicorn (used by
+bench/service.py --profile)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+# Where a sampled stack's time goes: the innermost frame that matches a part names it.
+PARTS = [
+    ("logging", ("logging/__init__", "embedplatform/logs", "pythonjsonlogger")),
+    ("metrics", ("prometheus_client", "django_prometheus", "embedplatform/metrics")),
+    ("Redis", ("redis/", "django_redis", "django_ratelimit")),
+    ("SQL", ("django/db/", "psycopg", "sqlite3")),
+    ("tokenization", ("tokenizers", "count_tokens", "tokenization_utils")),
+    ("model", ("torch/", "sentence_transformers", "transformers/")),
+    ("batcher hand-off", ("embeddings/batching", "concurrent/futures", "threading.py")),
+    ("rendering", ("renderers", "orjson", "json/encoder", "embeddings/views.py")),
+    ("authentication", ("accounts/authentication", "accounts/jwt", "jwt/", "credential_cache")),
+    ("metering", ("accounts/metering", "accounts/ratelimit", "accounts/permissions")),
+    ("DRF", ("rest_framework",)),
+    ("HTTP parsing", ("gunicorn/http", "django/core/handlers/wsgi", "django/http/request")),
+    ("middleware", ("middleware", "django/utils/deprecation", "django/core/handlers")),
+    ("gunicorn", ("gunicorn",)),
+]
+
+
+def part_of(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for part, needles in PARTS:
+            if any(needle in frame for needle in needles):
+                return part
+    return "other"
+
+
+def profile_breakdown(raw: Path, rate: int, requests: int) -> list[tuple[str, float]]:
+    """CPU microseconds per request by part, from py-spy's raw (collapsed) output."""
+    samples: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            samples[part_of(stack)] += int(count)
+    per_request = 1e6 / rate / max(1, requests)
+    return [(part, count * per_request) for part, count in samples.most_common()]
+
+
+def profiled(
+    service: Any, run: Any, runs: dict[str, dict[str, Any]], name: str
+) -> list[tuple[str, float]]:
+    """Runs `run()` with py-spy sampling every gunicorn process of `service`."""
+    rate = 250
+    raw = Path(tempfile.mkdtemp(prefix="bench-profile-")) / "stacks.txt"
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(service.process.pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        runs[name] = run()
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+    return profile_breakdown(raw, rate, runs[name]["requests"])

@@ -1,0 +1,75 @@
+"""Helpers the test modules share: one embed request and one check of the documented error shape."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.test import Client
+
+from tests.conftest import Person
+
+
+def embed(
+    who: Person | str,
+    body: str | dict[str, Any] = "hello world",
+    path: str = "/embed",
+    **extra: Any,
+) -> Any:
+    """POSTs an embed request in-process as `who`: a Person, or a bearer credential (a JWT or an
+    API key). `body` is the text to embed or the whole JSON body; `extra` are more headers in the
+    test client's form (HTTP_X_TENANT=...). "hello world" is 4 tokens to the fake encoder: two
+    words and two special tokens."""
+    credential = who.token if isinstance(who, Person) else who
+    return Client().post(
+        path,
+        {"text": body} if isinstance(body, str) else body,
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {credential}",
+        **extra,
+    )
+
+
+def get_usage(who: Person | str, **extra: Any) -> Any:
+    """GETs /usage in-process as `who` (a Person, or a bearer credential)."""
+    credential = who.token if isinstance(who, Person) else who
+    return Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {credential}", **extra)
+
+
+def assert_error(
+    response: Any,
+    status: int,
+    *,
+    error_type: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+) -> dict[str, Any]:
+    """Asserts the one documented error shape and, where given, its type, code and param."""
+    assert response.status_code == status, response.content
+    assert response["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    if error_type is not None:
+        assert error["type"] == error_type
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+class ManualClock:
+    """A monotonic clock that stands still until the test moves it, for code that takes a clock."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
