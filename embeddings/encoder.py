@@ -4,6 +4,10 @@
 tokenizes (cutting each text to what the model can read, see `Tokenized`) and encodes. `Encoder`
 is the protocol the rest of the code holds it by, so unit tests can pass a fake. One per process
 lives in embeddings/runtime.py.
+
+Longer than most modules (about 450 lines) because tokenizing once and encoding the ids must
+mirror sentence-transformers' own `encode` step by step (prompts, truncation both ways, padding,
+features, pooling, Dense, Normalize); split, the two halves would only make sense side by side.
 """
 
 from __future__ import annotations

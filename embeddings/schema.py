@@ -8,6 +8,9 @@ the views with examples that are valid for the served model. Without a loaded mo
 (`manage.py spectacular`), the examples show the production model.
 
 Imported by embeddings/urls.py, which registers these extensions with drf-spectacular.
+
+About 500 lines, most of them examples and descriptions: one block per endpoint, kept together
+so that the document of each endpoint reads in one place.
 """
 
 from __future__ import annotations

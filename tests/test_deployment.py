@@ -4,6 +4,7 @@ scripts, and the container's start-up scripts and health check run for real agai
 machine's PostgreSQL.
 
 A missing tool fails its test with the way to install it (scripts/test.sh installs them all).
+Long (about 500 lines) as a list of independent checks, one per deployment file.
 """
 
 from __future__ import annotations

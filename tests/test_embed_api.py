@@ -3,6 +3,9 @@
 The validation tests use the fake encoder (they are about the code around the model); the text
 handling tests (Korean, emoji, NUL, prompts, Matryoshka) run the real MiniLM and the tiny
 EmbeddingGemma-architecture model.
+
+Long (about 520 lines) because it is the API's contract, one short test per rule; the rules of
+other concerns (truncation, limits, tokenize, clients) live in their own files.
 """
 
 from __future__ import annotations
