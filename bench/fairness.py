@@ -43,40 +43,7 @@ os.environ["MODEL_LOAD_ON_START"] = "false"
 os.environ.setdefault("CACHE_KEY_PREFIX", f"bench-{os.getpid()}")
 
 from bench.service import load as throughput  # noqa: E402
-from bench.service import percentile, sentences  # noqa: E402
-
-
-def prepare_tenants(names: list[str]) -> dict[str, str]:
-    """Tenants whose limits never get in the way, each with a Supabase-style token."""
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-    from accounts import services
-    from accounts.jwt import mint_token
-    from accounts.models import Plan
-
-    plan, _ = Plan.objects.get_or_create(
-        name="bench",
-        defaults={
-            "requests_per_minute": 10**8,
-            "tokens_per_minute": 10**12,
-            "monthly_token_quota": 10**15,
-            "max_texts_per_request": 256,
-        },
-    )
-    tokens = {}
-    for number, name in enumerate(names):
-        subject = f"00000000-0000-{number:04d}-0000-{os.getpid():012d}"
-        email = f"bench-{name}@example.com"
-        user = services.provision_supabase_user(subject=subject, email=email)
-        tenant = user.personal_tenant
-        tenant.plan = plan
-        tenant.save(update_fields=["plan"])
-        tokens[name] = mint_token(subject=subject, email=email, lifetime_seconds=24 * 3600)
-    return tokens
+from bench.service import percentile, prepare_tenants, sentences  # noqa: E402
 
 
 @contextmanager

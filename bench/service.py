@@ -131,8 +131,8 @@ def encode_rates(encoder: Any, texts: list[str], seconds: float) -> dict[str, An
     return results
 
 
-def prepare_tenant() -> str:
-    """A bench tenant whose limits never get in the way, and a Supabase-style token for it."""
+def prepare_tenants(names: list[str]) -> dict[str, str]:
+    """Tenants whose limits never get in the way, each with a Supabase-style token."""
     import django
 
     django.setup()
@@ -152,12 +152,21 @@ def prepare_tenant() -> str:
             "max_texts_per_request": 256,
         },
     )
-    subject = f"00000000-0000-0000-0000-{os.getpid():012d}"
-    user = services.provision_supabase_user(subject=subject, email="bench@example.com")
-    tenant = user.personal_tenant
-    tenant.plan = plan
-    tenant.save(update_fields=["plan"])
-    return mint_token(subject=subject, email="bench@example.com", lifetime_seconds=24 * 3600)
+    tokens = {}
+    for number, name in enumerate(names):
+        subject = f"00000000-0000-{number:04d}-0000-{os.getpid():012d}"
+        email = f"bench-{name}@example.com"
+        user = services.provision_supabase_user(subject=subject, email=email)
+        tenant = user.personal_tenant
+        tenant.plan = plan
+        tenant.save(update_fields=["plan"])
+        tokens[name] = mint_token(subject=subject, email=email, lifetime_seconds=24 * 3600)
+    return tokens
+
+
+def prepare_tenant() -> str:
+    """A bench tenant whose limits never get in the way, and a Supabase-style token for it."""
+    return prepare_tenants(["bench"])["bench"]
 
 
 def load(
