@@ -25,6 +25,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from django.core.cache import caches
@@ -94,10 +95,27 @@ def _tokens_used(key: str) -> int:
         raise CacheUnavailable(str(exc)) from exc
 
 
+def _redis_of(cache: Any) -> Any | None:
+    """The redis-py client behind a django-redis cache; None for other caches."""
+    client = getattr(cache, "client", None)
+    get_client = getattr(client, "get_client", None)
+    return get_client(write=True) if callable(get_client) else None
+
+
 def _add_tokens(key: str, tokens: int) -> int:
     """Adds `tokens` to a window's counter; the count after."""
     cache = caches[settings.RATELIMIT_USE_CACHE]
     try:
+        redis = _redis_of(cache)
+        if redis is not None:
+            # One round trip, no script: create the window's counter with its expiry if it is
+            # not there yet, then add (INCRBY keeps the expiry). django-redis stores integers
+            # as plain numbers, so cache.get and cache.decr read and change the same counter.
+            full_key = cache.make_key(key)
+            pipe = redis.pipeline(transaction=False)
+            pipe.set(full_key, 0, ex=WINDOW_SECONDS + EXPIRATION_FUDGE, nx=True)
+            pipe.incrby(full_key, tokens)
+            return int(pipe.execute()[1])
         try:
             # One round trip in the common case: the window's counter exists already.
             return int(cache.incr(key, tokens))

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from django.conf import settings
 
+from embeddings.attention_masks import bidirectional_masks, supports_fast_masks
 from embedplatform.cpus import torch_threads_per_worker
 
 logger = logging.getLogger(__name__)
@@ -264,10 +265,28 @@ class SentenceTransformerEncoder:
 
         features = self._features(inputs, prompt)
         with torch.inference_mode():
-            output = self.model(features)["sentence_embedding"]
+            output = self._forward(features)["sentence_embedding"]
             if self.model.truncate_dim is not None:
                 output = output[..., : self.model.truncate_dim]
             return np.asarray(output.float().cpu().numpy(), dtype=np.float32)
+
+    def _forward(self, features: dict[str, Any]) -> dict[str, Any]:
+        """The model's forward pass over its modules, as `SentenceTransformer.forward` runs it,
+        except that a bidirectional Gemma3 backbone gets its attention masks ready-made
+        (embeddings/attention_masks.py) instead of building them through vmap."""
+        modules = list(self.model.children())
+        backbone = getattr(modules[0], "model", None) if modules else None
+        if backbone is None or not supports_fast_masks(backbone):
+            return dict(self.model(features))
+        masks = bidirectional_masks(
+            backbone, features["attention_mask"], backbone.get_input_embeddings().weight.dtype
+        )
+        # Keyword arguments override the features for the backbone only: pooling still reads
+        # the 2-D padding mask from the features.
+        features = modules[0](features, attention_mask=masks)
+        for module in modules[1:]:
+            features = module(features)
+        return features
 
     def _features(self, inputs: list[list[int]], prompt: str) -> dict[str, Any]:
         """What `SentenceTransformer.preprocess` makes of texts, from their token ids."""

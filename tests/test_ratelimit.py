@@ -107,6 +107,32 @@ def test_it_limits_tokens_per_minute(alice: Person, fake_encoder: FakeEncoder) -
     assert fake_encoder.texts_encoded == 2
 
 
+def test_it_adds_tokens_to_the_window_in_one_round_trip_with_no_script() -> None:
+    from django.core.cache import cache
+    from django_redis import get_redis_connection
+
+    from accounts import ratelimit
+
+    redis = get_redis_connection("default")
+    key = f"{ratelimit.TOKENS_KEY_PREFIX}:spec:{time.time_ns()}"
+    before = redis.info("commandstats")
+    assert ratelimit._add_tokens(key, 3) == 3
+    assert ratelimit._add_tokens(key, 4) == 7
+    after = redis.info("commandstats")
+
+    def calls(command: str) -> int:
+        name = f"cmdstat_{command}"
+        return int(after.get(name, {}).get("calls", 0)) - int(before.get(name, {}).get("calls", 0))
+
+    assert (calls("set"), calls("incrby"), calls("eval"), calls("evalsha")) == (2, 2, 0, 0)
+    # The counter the headers read (cache.get) and refunds change (cache.decr), expiring with
+    # the window.
+    assert cache.get(key) == 7
+    cache.decr(key, 7)
+    assert cache.get(key) == 0
+    assert 0 < cache.ttl(key) <= ratelimit.WINDOW_SECONDS + ratelimit.EXPIRATION_FUDGE
+
+
 def test_it_counts_each_tenant_on_its_own(
     alice: Person, bob: Person, charlie: Person, fake_encoder: FakeEncoder
 ) -> None:

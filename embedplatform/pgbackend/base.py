@@ -9,6 +9,7 @@ shut down and the request gets a 503 `database_unavailable`.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable
 from typing import Any
 
@@ -66,10 +67,25 @@ class DatabaseWrapper(base.DatabaseWrapper):
         self._went_silent = trip.tripped
         return usable and not trip.tripped
 
+    def _server_spoke(self) -> bool:
+        """Whether the kept connection's socket has something to read, or failed, while idle."""
+        try:
+            fd = self.connection.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        except Exception:  # no socket, or one that cannot be polled: ping as Django would
+            return True
+
     def close_if_health_check_failed(self) -> None:
         """Django's pre-request check, except that a server that is there but silent fails the
         request at once: reconnecting would only wait again."""
         if self.connection is None or not self.health_check_enabled or self.health_check_done:
+            return
+        # An idle connection has nothing to read. A server that restarted, or ended the session,
+        # has sent its goodbye (or the socket failed): only then is the ping worth a round trip.
+        if not self._server_spoke():
+            self.health_check_done = True
             return
         if not self.is_usable():
             went_silent = self._went_silent
