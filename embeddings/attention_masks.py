@@ -16,6 +16,7 @@ from typing import Any
 # Attention implementations whose mask format is known here: sdpa takes booleans (True: attend),
 # eager an additive float mask. Others (flash, flex) keep transformers' own mask code.
 _FORMATS = ("sdpa", "eager")
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 def supports_fast_masks(model: Any) -> bool:

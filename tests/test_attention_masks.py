@@ -52,7 +52,8 @@ def test_it_builds_the_masks_transformers_builds(
     assert set(ours) == set(expected) == {"full_attention", "sliding_attention"}
     for kind, mask in ours.items():
         reference = expected[kind]
-        assert reference is not None and reference.dtype == torch.bool
+        assert reference is not None
+        assert reference.dtype == torch.bool
         assert mask.shape == reference.shape
         assert torch.equal(mask, reference), kind
 
