@@ -228,9 +228,31 @@ class SentenceTransformerEncoder:
             max_seq_length=limit,
         )
 
+    @functools.cached_property
+    def _rust_tokenizer(self) -> Any | None:
+        """A private copy of the fast tokenizer's Rust backend, set never to truncate or pad.
+        Calling it directly skips a layer of transformers' Python that costs about as much as
+        the tokenizing itself for a short query; being private, nothing can change its settings
+        while request threads share it. None for a tokenizer without such a backend."""
+        backend = getattr(self.model.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_str(backend.to_str())
+        own.no_truncation()
+        own.no_padding()
+        return own
+
     def _tokenizer_ids(self, texts: list[str], *, with_special_mask: bool = False) -> Any:
-        # Never truncated or padded here (`_truncate` and `_features` do that): the tokenizer's
-        # state then never changes, so request threads can share it.
+        # Never truncated or padded here (`_truncate` and `_features` do that).
+        rust = self._rust_tokenizer
+        if rust is not None:
+            encodings = rust.encode_batch(texts, add_special_tokens=True)
+            encoded = {"input_ids": [encoding.ids for encoding in encodings]}
+            if with_special_mask:
+                encoded["special_tokens_mask"] = [e.special_tokens_mask for e in encodings]
+            return encoded
         return self.model.tokenizer(
             texts,
             add_special_tokens=True,

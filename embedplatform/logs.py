@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from django.core.signals import request_finished, request_started
 from django.http import HttpRequest, HttpResponse
 from gunicorn import glogging
@@ -39,6 +40,12 @@ class JsonFormatter(LibraryJsonFormatter):
             timestamp="time",
             json_ensure_ascii=False,
         )
+
+    def jsonify_log_record(self, log_data: LogData) -> str:
+        # orjson: a third of the line's cost goes otherwise to json.dumps, and an access line is
+        # written for every request. It writes UTF-8 as is (ensure_ascii off) and datetimes in
+        # ISO 8601, as the library's encoder does; anything else it cannot encode, as str().
+        return orjson.dumps(log_data, default=str).decode()
 
     def process_log_record(self, log_data: LogData) -> LogData:
         log_data["level"] = str(log_data["level"]).lower()

@@ -95,21 +95,47 @@ def test_it_keeps_matryoshka_truncation_as_encode_does(
 def test_it_tokenizes_each_text_once(run: runtime.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     encoder = run.encoder
     assert isinstance(encoder, encoder_module.SentenceTransformerEncoder)
-    tokenizer_class = type(encoder.model.tokenizer)
     prompt = prompts_of(encoder)[-1]
     run.embed(run.tokenize(["warm the prompt up"], prompt=prompt))
     seen: list[list[str]] = []
-    original = tokenizer_class.__call__
+    original = encoder._tokenizer_ids
 
-    def counting(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(list(text) if isinstance(text, list) else [text])
-        return original(self, text, *args, **kwargs)
+    def counting(texts: list[str], **kwargs: Any) -> Any:
+        seen.append(list(texts))
+        return original(texts, **kwargs)
 
-    monkeypatch.setattr(tokenizer_class, "__call__", counting)
+    monkeypatch.setattr(encoder, "_tokenizer_ids", counting)
     vectors = run.embed(run.tokenize(TEXTS, prompt=prompt))
     assert vectors.shape[0] == len(TEXTS)
     assert len(seen) == 1, "texts were tokenized more than once"
     assert len(seen[0]) == len(TEXTS)
+
+
+def test_it_reads_the_ids_and_special_tokens_transformers_tokenizer_gives(
+    encoder: encoder_module.SentenceTransformerEncoder,
+) -> None:
+    texts = [
+        *TEXTS,
+        "",
+        "   spaced\tout\n\nlines  ",
+        "Ünïcödé, 한국어 문장, emoji 🙂 and CJK 中文",
+        "[CLS] <bos> <pad> [SEP] special-looking text <eos>",
+        "x" * 3000,
+    ]
+    assert encoder._rust_tokenizer is not None
+    ours = encoder._tokenizer_ids(texts, with_special_mask=True)
+    theirs = encoder.model.tokenizer(
+        texts,
+        add_special_tokens=True,
+        truncation=False,
+        padding=False,
+        return_special_tokens_mask=True,
+        verbose=False,
+    )
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["special_tokens_mask"] == theirs["special_tokens_mask"]
+    # Never truncated here: the long text keeps more tokens than the model reads.
+    assert max(len(row) for row in ours["input_ids"]) > encoder.max_seq_length
 
 
 def test_it_cuts_a_huge_text_to_its_character_budget_before_tokenizing(
