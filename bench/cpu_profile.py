@@ -3,6 +3,7 @@ bench/service.py --profile)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -82,3 +83,30 @@ def profiled(
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)
     return profile_breakdown(raw, rate, runs[name]["requests"])
+
+
+def cpu_seconds_by_process(gunicorn_pid: int) -> dict[str, float]:
+    """CPU seconds so far (user + system) of the service's gunicorn processes, and of every
+    PostgreSQL and Redis server process on the machine: read before and after a run, the
+    difference over the requests served is what one request costs each of them."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = {"gunicorn": 0.0, "PostgreSQL": 0.0, "Redis": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parent = int(fields[1])
+        if int(pid) == gunicorn_pid or parent == gunicorn_pid:
+            name = "gunicorn"
+        elif command.startswith("postgres"):
+            name = "PostgreSQL"
+        elif "redis-server" in command:
+            name = "Redis"
+        else:
+            continue
+        totals[name] += (int(fields[11]) + int(fields[12])) / tick
+    return totals

@@ -55,7 +55,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["MODEL_LOAD_ON_START"] = "false"
 os.environ.setdefault("CACHE_KEY_PREFIX", f"bench-{os.getpid()}")
 
-from bench.cpu_profile import profiled  # noqa: E402
+from bench.cpu_profile import cpu_seconds_by_process, profiled  # noqa: E402
 
 WORDS = (
     "embedding service tenants quota latency throughput model vector search query document "
@@ -304,6 +304,11 @@ def main() -> None:
     parser.add_argument("--no-batch", action="store_true", help="skip the 32-text run")
     parser.add_argument("--ceiling", action="store_true", help="add the near-free-encoder run")
     parser.add_argument("--profile", action="store_true", help="py-spy CPU breakdown per request")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git archive`) whose stack ceiling runs too, for comparison",
+    )
     args = parser.parse_args()
     workloads = [name.strip() for name in args.workload.split(",") if name.strip()]
     if args.database == "sqlite":
@@ -332,16 +337,22 @@ def main() -> None:
     token = prepare_tenant()
     from tests.service import start_service, wait_until_healthy
 
-    def run_service(model: str, quantization: str) -> Any:
+    def run_service(model: str, quantization: str, checkout: Path = ROOT) -> Any:
+        import tests.service
+
         env = {"MODEL_NAME": model, "MODEL_QUANTIZATION": quantization}
         if args.database == "sqlite":
             env["REDIS_URL"] = ""
-        service = start_service(
-            Path(tempfile.mkdtemp(prefix="bench-service-")),
-            env=env,
-            workers=args.workers,
-            wait=False,
-        )
+        tests.service.ROOT = checkout  # the gunicorn process runs that checkout's code
+        try:
+            service = start_service(
+                Path(tempfile.mkdtemp(prefix="bench-service-")),
+                env=env,
+                workers=args.workers,
+                wait=False,
+            )
+        finally:
+            tests.service.ROOT = ROOT
         try:
             wait_until_healthy(service, timeout=900)  # a busy machine loads models slowly
         except BaseException:
@@ -413,19 +424,38 @@ def main() -> None:
             stop(process)
 
     ceiling_runs: dict[str, dict[str, Any]] = {}
+    ceiling_profiles: dict[str, list[tuple[str, float]]] = {}
     if args.ceiling:
         from bench.gemma_builder import build_gemma_like_model
 
         tiny_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-tiny-"))
         tiny = build_gemma_like_model(tiny_dir / "gemma-tiny", size="tiny")
-        service = run_service(str(tiny), "fp32")
+        checkouts = [("this checkout", ROOT)]
+        if args.baseline:
+            checkouts.insert(0, ("baseline", args.baseline.resolve()))
         try:
-            one_text(service.url, "short", args.clients, 2)
-            ceiling_runs["service, near-free encoder"] = one_text(
-                service.url, "short", args.clients, args.seconds
-            )
+            for label, checkout in checkouts:
+                service = run_service(str(tiny), "fp32", checkout)
+                try:
+                    one_text(service.url, "short", args.clients, 2)
+                    before = cpu_seconds_by_process(service.process.pid)
+                    run = one_text(service.url, "short", args.clients, args.seconds)
+                    after = cpu_seconds_by_process(service.process.pid)
+                    run["cpu_us"] = {
+                        name: (after[name] - before[name]) * 1e6 / max(1, run["requests"])
+                        for name in after
+                    }
+                    ceiling_runs[f"service, near-free encoder ({label})"] = run
+                    if args.profile:
+                        ceiling_profiles[label] = profiled(
+                            service,
+                            lambda url=service.url: one_text(url, "short", args.clients, 5),
+                            {},
+                            label,
+                        )
+                finally:
+                    service.stop()
         finally:
-            service.stop()
             shutil.rmtree(tiny_dir, ignore_errors=True)
         process, url = start_bare({"BARE_MODEL": "free"})
         try:
@@ -467,19 +497,35 @@ def main() -> None:
         )
     if ceiling_runs:
         print("\nstack ceiling, 1-text short requests")
+        print("  (CPU per request, of gunicorn / PostgreSQL / Redis)")
         for name, run in ceiling_runs.items():
-            print(
-                f"  {name:<28} {run['requests_per_s']:8.1f} req/s  p50 {run['p50']:.1f} ms  "
-                f"p99 {run['p99']:.1f} ms"
+            cpu = run.get("cpu_us")
+            costs = (
+                f"  CPU {cpu['gunicorn']:.0f} / {cpu['PostgreSQL']:.0f} / {cpu['Redis']:.0f} us"
+                if cpu
+                else ""
             )
-        service_rate = ceiling_runs["service, near-free encoder"]["requests_per_s"]
+            print(
+                f"  {name:<42} {run['requests_per_s']:8.1f} req/s  p50 {run['p50']:.1f} ms  "
+                f"p99 {run['p99']:.1f} ms{costs}"
+            )
+        service_rate = ceiling_runs["service, near-free encoder (this checkout)"]["requests_per_s"]
         bare_rate = ceiling_runs["bare server, no model"]["requests_per_s"]
         print(f"  the bare server is {bare_rate / service_rate:.1f}x the metered stack")
+        if args.baseline:
+            old_rate = ceiling_runs["service, near-free encoder (baseline)"]["requests_per_s"]
+            print(f"  this checkout serves {service_rate / old_rate:.2f}x the baseline's req/s")
+    for label, breakdown in ceiling_profiles.items():
+        print_breakdown(f"CPU per near-free 1-text short request, {label}", breakdown)
     if profile:
-        total = sum(value for _, value in profile)
-        print(f"\nCPU per 1-text short request (py-spy, all workers): {total:.0f} us")
-        for part, value in profile:
-            print(f"  {part:<18} {value:8.0f} us  {value / total:5.1%}")
+        print_breakdown("CPU per 1-text short request", profile)
+
+
+def print_breakdown(title: str, breakdown: list[tuple[str, float]]) -> None:
+    total = sum(value for _, value in breakdown)
+    print(f"\n{title} (py-spy, all workers): {total:.0f} us")
+    for part, value in breakdown:
+        print(f"  {part:<18} {value:8.0f} us  {value / total:5.1%}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,27 @@ def test_it_reports_load_memory_per_mode(gemma_tiny_path: Path) -> None:
         base, peak, settled = (float(value) for value in rows[0][4:7])
         assert 0 < base <= peak, completed.stdout
         assert 0 < settled <= peak, completed.stdout
+
+
+def test_it_reads_the_cpu_a_service_process_tree_spent() -> None:
+    from bench.cpu_profile import cpu_seconds_by_process
+
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.5\n"
+            "while time.process_time() < end: pass\ninput()",
+        ],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while cpu_seconds_by_process(busy.pid)["gunicorn"] < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        spent = cpu_seconds_by_process(busy.pid)
+    finally:
+        busy.communicate("\n", timeout=30)
+    assert 0.5 <= spent["gunicorn"] < 5
+    assert set(spent) == {"gunicorn", "PostgreSQL", "Redis"}
