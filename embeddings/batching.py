@@ -188,6 +188,7 @@ class Batcher:
             key_texts = min(key_texts, max(1, cap))
         key_tokens = math.floor(self.max_queued_tokens * KEY_SHARE)
         if mine.texts + texts > key_texts or mine.tokens + tokens > key_tokens:
+            metrics.BATCHER_REFUSALS.labels(reason="tenant_share").inc()
             raise TooManyTextsInFlight(
                 f"This tenant already has {mine.texts} texts waiting for the model on this "
                 f"server; at most {key_texts} may wait at once. Retry shortly, or send fewer "
@@ -197,6 +198,7 @@ class Batcher:
             )
 
     def _refuse_overloaded(self) -> None:
+        metrics.BATCHER_REFUSALS.labels(reason="overloaded").inc()
         raise ModelOverloaded(
             "The model is overloaded; try again shortly.",
             retry_after=self._retry_after(self._load.tokens),

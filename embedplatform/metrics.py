@@ -37,6 +37,12 @@ QUEUE_WAIT = Histogram(
     "Time a request's texts waited for the model.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+BATCHER_REFUSALS = Counter(
+    "embed_batcher_refusals_total",
+    "Requests the model's queue refused: reason `overloaded` (503, the worker's queue is full) "
+    "or `tenant_share` (429, the tenant holds its share of it).",
+    ["reason"],
+)
 RATE_LIMITED = Counter("embed_rate_limited_total", "Requests refused by a rate limit.")
 QUOTA_EXCEEDED = Counter(
     "embed_quota_exceeded_total", "Requests refused because the monthly quota is spent."

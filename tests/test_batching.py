@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from embeddings import runtime
 from embeddings.batching import Batcher, TooManyTextsInFlight, _settle
@@ -237,6 +238,11 @@ def test_it_keeps_a_request_in_one_pass_when_it_fills_it() -> None:
     batcher.close()
 
 
+def refusals(reason: str) -> float:
+    value = REGISTRY.get_sample_value("embed_batcher_refusals_total", {"reason": reason})
+    return value or 0.0
+
+
 def test_it_refuses_at_once_with_503_and_retry_after_when_the_queue_is_full() -> None:
     model = GatedModel()
     batcher = make(model, max_batch_size=4, wait_seconds=0, max_queued_texts=10)
@@ -245,9 +251,11 @@ def test_it_refuses_at_once_with_503_and_retry_after_when_the_queue_is_full() ->
     queued = batcher.submit(words(4, "b"), prompt="", token_counts=[6] * 4, key="b")
     assert batcher.load() == (10, 60)
     started = time.perf_counter()
+    before = refusals("overloaded")
     with pytest.raises(ModelOverloaded) as refused:
         batcher.submit(["c"], prompt="", token_counts=[1], key="c")
     assert time.perf_counter() - started < 1, "a full queue must refuse, not wait"
+    assert refusals("overloaded") == before + 1
     status_code, body, headers = describe(refused.value)
     assert status_code == 503
     assert body["error"]["code"] == "model_overloaded"
@@ -280,10 +288,12 @@ def test_it_caps_the_texts_one_tenant_has_in_flight() -> None:
     batcher = make(model, max_batch_size=4, wait_seconds=0)
     first = batcher.submit(words(4, "a"), prompt="", token_counts=[6] * 4, key="a")
     assert model.started.wait(5)
+    before = refusals("tenant_share")
     with pytest.raises(TooManyTextsInFlight) as refused:
         batcher.submit(
             words(2, "a"), prompt="", token_counts=[6] * 2, key="a", max_texts_in_flight=5
         )
+    assert refusals("tenant_share") == before + 1
     status_code, body, headers = describe(refused.value)
     assert (status_code, body["error"]["code"]) == (429, "too_many_texts_in_flight")
     assert int(headers["Retry-After"]) >= 1
