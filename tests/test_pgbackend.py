@@ -36,7 +36,12 @@ def test_it_sends_no_ping_for_a_connection_the_server_left_alone(
 ) -> None:
     pings: list[bool] = []
     original = kept.is_usable
-    monkeypatch.setattr(kept, "is_usable", lambda: pings.append(True) or original())
+
+    def counted() -> bool:
+        pings.append(True)
+        return bool(original())
+
+    monkeypatch.setattr(kept, "is_usable", counted)
     for _ in range(3):
         next_request(kept)
         kept.close_if_health_check_failed()
