@@ -9,6 +9,7 @@ Bounded and repeatable: offline (gunicorn on 127.0.0.1 with the bundled MiniLM),
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -94,7 +95,9 @@ def test_it_answers_as_the_openapi_document_says(service: Service, alice: Person
             )
     except Exception as exc:
         # The service's own account of a 5xx is in its log, which pytest's tmp_path may not keep.
-        errors = [line for line in service.log().splitlines() if '"level": "error"' in line]
+        errors = [
+            json.dumps(record) for record in service.log_records() if record.get("level") == "error"
+        ]
         raise AssertionError(
             f"{exc}\nservice errors:\n" + "\n".join(e[:3000] for e in errors[-3:])
         ) from exc
