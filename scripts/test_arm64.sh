@@ -6,7 +6,7 @@
 # Neoverse-V1-like one (bf16), then serves the API with scripts/serve.sh and asks /health and
 # /embed. Speed under emulation means nothing, so none is measured.
 #
-#   sudo scripts/test_arm64.sh        # about 25 minutes cold, a few minutes once the chroot exists
+#   sudo scripts/test_arm64.sh        # about 95 minutes cold here, about 65 once the chroot exists
 #
 # Needs root (chroot, mounts, binfmt_misc) and a Debian/Ubuntu host: it installs qemu-user-static,
 # binfmt-support and debootstrap when missing. ARM64_ROOT (default /var/tmp/embedplatform-arm64,
