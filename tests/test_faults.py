@@ -5,7 +5,6 @@ check, and what was served is charged exactly once."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,15 +84,7 @@ def embed(service: Service, person: Person) -> requests.Response:
 
 
 def log_lines(service: Service, event: str) -> list[dict[str, Any]]:
-    lines = []
-    for raw in service.log().splitlines():
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if line.get("event") == event:
-            lines.append(line)
-    return lines
+    return [record for record in service.log_records() if record.get("event") == event]
 
 
 def assert_charged_exactly_once(person: Person, served: list[requests.Response]) -> None:
