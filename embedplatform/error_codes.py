@@ -131,6 +131,12 @@ _CODES = [
         _e("invalid_body", "Not an object", "The request body must be a JSON object."),
         _e("bad_request", "Not understood", "The request could not be understood."),
         _e(
+            "malformed_request",
+            "Unparsable HTTP",
+            "The HTTP request could not be parsed: {reason}",
+            reason="Invalid HTTP Version 'HTTP/9.9'",
+        ),
+        _e(
             "malformed_body",
             "Body cut short",
             "The request body could not be read: its chunked encoding is malformed or it ended "
@@ -349,6 +355,16 @@ _CODES = [
         ),
     ),
     *_entries(
+        414,
+        INVALID_REQUEST,
+        _e(
+            "request_line_too_long",
+            "Request line too long",
+            "The request line is longer than the server accepts: {reason}",
+            reason="limit request line size",
+        ),
+    ),
+    *_entries(
         415,
         INVALID_REQUEST,
         _e(
@@ -356,6 +372,16 @@ _CODES = [
             "Not JSON",
             'Unsupported media type "{media_type}" in request.',
             media_type="text/plain",
+        ),
+    ),
+    *_entries(
+        417,
+        INVALID_REQUEST,
+        _e(
+            "expectation_failed",
+            "Unknown Expect",
+            "The request's Expect header cannot be met: {reason}",
+            reason="Unknown value for Expect: 'x'",
         ),
     ),
     *_entries(
@@ -500,6 +526,16 @@ _CODES = [
         ),
     ),
     *_entries(
+        431,
+        INVALID_REQUEST,
+        _e(
+            "request_headers_too_large",
+            "Headers too large",
+            "The request's headers are larger than the server accepts: {reason}",
+            reason="Error parsing headers: 'limit request headers fields size'",
+        ),
+    ),
+    *_entries(
         503,
         SERVICE_UNAVAILABLE,
         _e("model_not_ready", "Model loading", "The model is not loaded yet."),
@@ -519,6 +555,16 @@ _CODES = [
             "shutting_down",
             "Shutting down",
             "This server is shutting down; retry and another will answer.",
+        ),
+    ),
+    *_entries(
+        501,
+        INVALID_REQUEST,
+        _e(
+            "unsupported_transfer_coding",
+            "Unknown transfer coding",
+            "The request's Transfer-Encoding is not supported: {reason}",
+            reason="Unsupported transfer coding: 'gzip'",
         ),
     ),
     *_entries(

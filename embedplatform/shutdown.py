@@ -17,7 +17,9 @@ was cut without an answer or a usage row. Here:
   refused at once (faults.StoppingThrottle), so each gets its 503 and its row in time;
 - /health answers 503 `shutting_down`, so a proxy or orchestrator sees the worker leave;
 - each request's socket reads and writes time out after GUNICORN_CLIENT_TIMEOUT seconds, so a
-  client that stalls mid-body holds a thread that long at most (and gets a 400).
+  client that stalls mid-body holds a thread that long at most (and gets a 400);
+- a request gunicorn itself refuses (unparsable, over its size limits) is answered in the API's
+  JSON error shape (embedplatform/http_errors.py), not gunicorn's HTML page.
 """
 
 from __future__ import annotations
@@ -69,6 +71,16 @@ except ImportError:  # pragma: no cover - not under gunicorn
 
 
 class GracefulThreadWorker(ThreadWorker):
+    def init_process(self) -> None:
+        # gunicorn answers a request it cannot parse itself, through this module-level writer
+        # (HTML by default); swapped here, in the worker's own process, for the API's JSON.
+        from gunicorn import util
+
+        from embedplatform.http_errors import write_json_error
+
+        util.write_error = write_json_error
+        super().init_process()
+
     def handle_exit(self, sig: Any, frame: Any) -> None:
         if self.alive:
             begin_stopping(self.cfg.graceful_timeout)

@@ -1,6 +1,7 @@
 """The HTTP edge on a real gunicorn, over raw sockets: a request body the client breaks
 (malformed or truncated chunked encoding, a body shorter than its Content-Length, an oversized
-chunked body) is a 4xx in the error shape on every path, never a 500 or a traceback."""
+chunked body) is a 4xx in the error shape on every path, never a 500 or a traceback; so is HTTP
+that gunicorn itself refuses before the application runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from embedplatform.error_codes import CATALOGUE
 from tests.service import Service, start_service
 
 PATHS = ["/health", "/admin/login/", "/embed", "/v1/embeddings", "/batch-embed", "/no/such/path"]
@@ -169,3 +171,36 @@ def test_it_still_serves_a_well_formed_chunked_body(service: Service) -> None:
     # No credential: the body was read fine and the request reached authentication.
     assert status == 401
     assert payload["error"]["code"] == "missing_credentials"
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        ("GET /health HTTP/9.9\r\n\r\n", 400, "malformed_request"),
+        ("POST /embed HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "malformed_request"),
+        (f"GET /{'a' * 5000} HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request_line_too_long"),
+        (
+            f"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {'b' * 9000}\r\n\r\n",
+            431,
+            "request_headers_too_large",
+        ),
+        (
+            "POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: zstd\r\n\r\n",
+            501,
+            "unsupported_transfer_coding",
+        ),
+    ],
+    ids=["http-version", "header-line", "request-line-length", "header-size", "transfer-coding"],
+)
+def test_it_answers_requests_gunicorn_refuses_in_the_error_shape(
+    service: Service, head: str, status: int, code: str
+) -> None:
+    received = raw_exchange(service, head, b"", close_write=False)
+
+    answered, body = status_and_json(received)
+    assert answered == status, received
+    assert b"content-type: application/json" in received.lower()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == code
+    assert CATALOGUE[code].matches(body), body

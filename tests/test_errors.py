@@ -19,6 +19,7 @@ from accounts.jwt import mint_token
 from accounts.models import Tenant
 from embedplatform.error_codes import CATALOGUE, ERROR_TYPES, FIELD_PREFIX
 from embedplatform.errors import openai_status
+from embedplatform.http_errors import CODE_BY_STATUS
 from tests.conftest import FakeEncoder, Person
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,3 +253,9 @@ def test_it_documents_only_the_catalogues_examples(db: None, fake_encoder: FakeE
             status = openai_status(status, value)  # OpenAI's API: 400 for invalid requests
         assert str(status) == where.rsplit(" ", 1)[1], where
         assert value["error"] == entry.example_body()["error"], where
+
+
+def test_it_catalogues_each_refusal_of_gunicorn_under_the_status_gunicorn_sends() -> None:
+    for status, code in CODE_BY_STATUS.items():
+        assert CATALOGUE[code].status == status, code
+        assert CATALOGUE[code].matches(CATALOGUE[code].body(reason="x")), code

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import openai
 import pytest
 import requests
 from django.conf import settings
@@ -129,6 +130,26 @@ def test_it_answers_503_database_unavailable_at_once_while_postgres_refuses(
     assert [line["request_id"] for line in lines] == [refused.headers["x-request-id"]]
     assert "Traceback" not in service.log()
     assert_charged_exactly_once(alice, served)
+
+
+def test_it_gives_the_openai_client_a_503_it_recognises_while_postgres_refuses(
+    service: Service, db_proxy: TcpProxy, alice: Person
+) -> None:
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key=alice.token, max_retries=0)
+    assert client.embeddings.create(model="all-MiniLM-L6-v2", input="before").data
+
+    db_proxy.set("refuse")
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        client.embeddings.create(model="all-MiniLM-L6-v2", input="during")
+    # The client retries 5xx on its own, honouring Retry-After, so code written for OpenAI
+    # backs off from an outage here as it does from one there.
+    assert unavailable.value.status_code == 503
+    assert unavailable.value.code == "database_unavailable"
+    assert unavailable.value.type == "service_unavailable"
+    assert int(unavailable.value.response.headers["Retry-After"]) > 0
+
+    db_proxy.set("forward")
+    assert client.embeddings.create(model="all-MiniLM-L6-v2", input="after").data
 
 
 def test_it_answers_in_seconds_while_postgres_hangs(
