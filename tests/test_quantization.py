@@ -23,6 +23,7 @@ from embeddings.quantization import (
     Int8Embedding,
     Int8Linear,
     QuantizationInfo,
+    cpu_supports_fbgemm_int8,
     cpu_supports_int8_matmul,
     cpu_supports_native_bf16,
     load_quantized_model,
@@ -32,6 +33,23 @@ from embeddings.quantization import (
 
 MODES = ("fp32", "bf16", "fp16", "int8", "auto")
 SENTENCES = list(MULTILINGUAL_EVAL_SENTENCES)
+# Every int8 kernel, the fbgemm one only where it can run (x86 with AVX2).
+KERNELS = [
+    pytest.param(
+        kernel,
+        marks=pytest.mark.skipif(
+            kernel == "fbgemm" and not cpu_supports_fbgemm_int8(), reason="x86 with AVX2 only"
+        ),
+    )
+    for kernel in INT8_KERNELS
+]
+needs_fbgemm = pytest.mark.skipif(not cpu_supports_fbgemm_int8(), reason="x86 with AVX2 only")
+
+
+def expected_int8_kernel() -> str:
+    if cpu_supports_int8_matmul():
+        return "dynamic_int8"
+    return "fbgemm" if cpu_supports_fbgemm_int8() else "dequantize"
 
 
 def _load(path: str, mode: str, **kwargs: Any) -> tuple[SentenceTransformer, QuantizationInfo]:
@@ -98,7 +116,7 @@ def test_it_returns_float32_tensors_too(gemma_path: str, mode: str) -> None:
     assert tokens[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_it_holds_accuracy_with_every_int8_kernel(
     minilm_path: str, minilm_reference: tuple[SentenceTransformer, np.ndarray], kernel: str
 ) -> None:
@@ -208,7 +226,7 @@ def test_it_quantizes_minilm_linears_and_vocabulary(
     assert isinstance(embeddings.token_type_embeddings, nn.Embedding)
     assert isinstance(int8[0].auto_model.encoder.layer[0].intermediate.dense, Int8Linear)
     assert model_weight_bytes(int8) < 0.35 * model_weight_bytes(minilm_reference[0])
-    assert info.int8_kernel == ("dynamic_int8" if cpu_supports_int8_matmul() else "dequantize")
+    assert info.int8_kernel == expected_int8_kernel()
 
 
 def _file_mappings(path: Path) -> list[tuple[int, int]]:
@@ -268,7 +286,7 @@ def test_it_reports_resident_memory() -> None:
     assert 10 < rss < 100_000
 
 
-@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("positive", [False, True])
 def test_it_matches_fp32_linear_closely(kernel: str, positive: bool) -> None:
     generator = torch.Generator().manual_seed(0)
@@ -302,3 +320,41 @@ def test_it_matches_gemma_scaled_embedding_lookup(gemma_path: str) -> None:
     torch.testing.assert_close(actual, expected, atol=0.02 * expected.abs().max().item(), rtol=0)
     # padding row (id 0) is zero in Gemma and must stay exactly zero
     assert torch.count_nonzero(actual[0, 4]) == 0
+
+
+@needs_fbgemm
+def test_it_keeps_fbgemm_weights_only_packed_and_counts_them(minilm_path: str) -> None:
+    fp32, _ = _load(minilm_path, "fp32")
+    int8, info = _load(minilm_path, "int8", int8_kernel="fbgemm")
+    linear = int8[0].auto_model.encoder.layer[0].intermediate.dense
+    original = fp32[0].auto_model.encoder.layer[0].intermediate.dense
+    assert isinstance(linear, Int8Linear)
+    assert "weight" not in dict(linear.named_buffers())
+    # Unpacked on request, the weights are the int8 rows the other kernels hold.
+    assert linear.weight.dtype == torch.int8
+    assert linear.weight.shape == original.weight.shape
+    reference = Int8Linear.from_linear(original, kernel="dequantize")
+    assert torch.equal(linear.weight, reference.weight)
+    assert linear.packed_bytes == original.weight.numel()
+    assert info.weight_bytes == model_weight_bytes(int8)
+    assert model_weight_bytes(int8) < 0.35 * model_weight_bytes(fp32)
+
+
+@needs_fbgemm
+def test_it_gives_a_text_the_same_vector_whatever_its_batch_with_fbgemm(gemma_path: str) -> None:
+    # fbgemm quantizes a whole input with one range; the kernel hands it per-token codes so
+    # that a short text's vector does not move with a long or loud batch-mate.
+    int8, _ = _load(gemma_path, "int8", int8_kernel="fbgemm")
+    alone = int8.encode(["a short query"], convert_to_numpy=True)
+    batch = ["a short query", "WORD " * 200, "!!!! 1234567890 ~~~~ " * 20]
+    together = int8.encode(batch, batch_size=3, convert_to_numpy=True)
+    np.testing.assert_allclose(together[0], alone[0], rtol=0, atol=1e-5)
+
+
+def test_it_refuses_the_fbgemm_kernel_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import embeddings.quantization.int8 as int8_module
+
+    monkeypatch.setattr(int8_module, "cpu_supports_fbgemm_int8", lambda: False)
+    with pytest.raises(ValueError, match="AVX2"):
+        Int8Linear.from_linear(nn.Linear(8, 4), kernel="fbgemm")
+    assert int8_module.default_int8_kernel() in {"dynamic_int8", "dequantize"}

@@ -25,7 +25,8 @@ Plain ``torch.ao`` dynamic int8 (per-tensor activation scale) was measured at me
 (per-tensor weights) and ~0.96 (per-channel weights) to fp32 on MiniLM, below the 0.99 the service
 requires: one scale for a whole batch of tokens cannot follow tokens whose magnitudes differ by
 orders of magnitude. The int8 recipe here instead quantizes activations per token and
-asymmetrically (mean cosine ~0.998 on MiniLM) or not at all (weight-only, ~0.999).
+asymmetrically (mean cosine ~0.998 on MiniLM; ~0.995 with fbgemm's 7-bit codes on AVX2) or not
+at all (weight-only, ~0.999).
 
 Whatever the mode, the returned model's ``encode`` output is float32.
 
@@ -35,7 +36,11 @@ checkpoint without holding it resident), :mod:`.loading` (:func:`load_quantized_
 accuracy set and the memory readings used by benchmarks and tests live in ``bench/``.
 """
 
-from embeddings.quantization.cpu import cpu_supports_int8_matmul, cpu_supports_native_bf16
+from embeddings.quantization.cpu import (
+    cpu_supports_fbgemm_int8,
+    cpu_supports_int8_matmul,
+    cpu_supports_native_bf16,
+)
 from embeddings.quantization.int8 import (
     INT8_KERNELS,
     Int8Embedding,
@@ -67,6 +72,7 @@ __all__ = [
     "QuantizationInfo",
     "QuantizationMode",
     "QuantizationPlan",
+    "cpu_supports_fbgemm_int8",
     "cpu_supports_int8_matmul",
     "cpu_supports_native_bf16",
     "load_quantized_model",

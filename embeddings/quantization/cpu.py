@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["cpu_supports_int8_matmul", "cpu_supports_native_bf16"]
+__all__ = ["cpu_supports_fbgemm_int8", "cpu_supports_int8_matmul", "cpu_supports_native_bf16"]
 
 
 @lru_cache(maxsize=1)
@@ -50,3 +50,12 @@ def cpu_supports_int8_matmul() -> bool:
         return False
     flags = _cpu_flags()
     return bool(flags & {"avx512_vnni", "amx_int8"}) and torch.backends.mkldnn.is_available()
+
+
+def cpu_supports_fbgemm_int8() -> bool:
+    """Whether fbgemm's int8 GEMM runs here: x86 with AVX2 (its 8-bit multiply-add), in a torch
+    built with fbgemm. The common case without VNNI: AMD Zen 2/3, Intel before Cascade Lake."""
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return False
+    engines = set(torch.backends.quantized.supported_engines)
+    return "avx2" in _cpu_flags() and bool(engines & {"x86", "fbgemm"})

@@ -87,7 +87,8 @@ def model_weight_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += storage.nbytes()
-    return total
+    # Weights kept outside tensors (fbgemm's packed int8 layers).
+    return total + sum(int(getattr(module, "packed_bytes", 0)) for module in model.modules())
 
 
 def _to_float32(value: Any) -> Any:
