@@ -8,7 +8,7 @@ Prints figures only; nothing here asserts.
 Usage::
 
     .venv/bin/python bench/quantization.py [--model PATH_OR_ID ...] [--modes fp32,bf16,fp16,int8]
-        [--threads 2] [--seconds 3] [--repeat 1] [--int8-kernels dynamic_int8,dequantize]
+        [--threads 2] [--seconds 3] [--repeat 1] [--int8-kernels fbgemm,dequantize]
         [--json OUT]
 
 Default models: the bundled all-MiniLM-L6-v2 and, if built (``bench/build_full_gemma.py``), the
@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--int8-kernels",
         default="",
-        help="comma list of int8 kernels to compare (dynamic_int8,dequantize,weight_only_pack); "
-        "default: the one auto-selected for this CPU",
+        help="comma list of int8 kernels to compare (dynamic_int8,fbgemm,dequantize,"
+        "weight_only_pack); default: the one auto-selected for this CPU",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="interleaved repeats; best throughput is kept"
