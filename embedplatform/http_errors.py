@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 import orjson
+from gunicorn import util
 
 from embedplatform.error_codes import CATALOGUE
 
@@ -45,6 +46,4 @@ def json_error_response(status: int, reason: str, message: str) -> bytes:
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn.util.write_error's signature, writing the API's error shape instead of HTML."""
-    from gunicorn import util
-
     util.write_nonblock(sock, json_error_response(status_int, reason, mesg))

@@ -220,41 +220,43 @@ class Int8Linear(nn.Module):
         return weight.copy_(self.weight).mul_(self.weight_scale[:, None])
 
     def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.weight_sum is not None  # registered for this kernel
         if x.shape[0] == 0:
             return x.new_empty((0, self.out_features))
-        low = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
-        high = x.amax(dim=1, keepdim=True).clamp_(min=0.0)
-        step = (high - low).clamp_(min=1e-12).div_(127.0)
+        low, step = _token_ranges(x, levels=127)
         # x ~= step * code + low, with code an integer in [0, 127] (see Int8Kernel).
         codes = (x - low).div_(step).round_().clamp_(0.0, 127.0)
         y: torch.Tensor = torch.ops.quantized.linear_dynamic(codes, self._packed, True)
-        y.mul_(step)
-        y.addr_(low.squeeze(1), self.weight_sum)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y
+        return self._add_offset_and_bias(y.mul_(step), low)
 
     def _dynamic_int8(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.weight_sum is not None  # registered for this kernel
         if x.shape[0] == 0:
             return x.new_empty((0, self.out_features))
-        # Per-token asymmetric range: post-GELU inputs are mostly positive, so a symmetric range
-        # would waste half the int8 codes (measured: MiniLM mean cosine 0.9959 -> 0.9984).
-        # Separate amin/amax: torch.aminmax measured ~15x slower on CPU for these shapes.
-        low = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
-        high = x.amax(dim=1, keepdim=True).clamp_(min=0.0)
-        step = (high - low).clamp_(min=1e-12).div_(255.0)
+        low, step = _token_ranges(x, levels=255)
         # x ~= step * q + offset with q in [-128, 127].
         offset = low.add_(step, alpha=128.0)
         quantized = (x - offset).div_(step).round_().clamp_(-128.0, 127.0).to(torch.int8)
         accumulated = torch._int_mm(quantized, self.weight.t())
         # Convert first: int32 * fp32 via type promotion was ~30x slower than to() + mul_.
         y = accumulated.to(torch.float32).mul_(step).mul_(self.weight_scale)
+        return self._add_offset_and_bias(y, offset)
+
+    def _add_offset_and_bias(self, y: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Adds what each token's offset contributes (offset * sum_k W[n, k]) and the bias."""
+        assert self.weight_sum is not None  # registered for the kernels that quantize inputs
         y.addr_(offset.squeeze(1), self.weight_sum)
         if self.bias is not None:
             y.add_(self.bias)
         return y
+
+
+def _token_ranges(x: torch.Tensor, *, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (row's) asymmetric range over `levels` steps: its low end (at most 0) and
+    the step. Per token and asymmetric: post-GELU inputs are mostly positive, so a symmetric
+    range would waste half the codes (measured: MiniLM mean cosine 0.9959 -> 0.9984). Separate
+    amin/amax: torch.aminmax measured ~15x slower on CPU for these shapes."""
+    low = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
+    high = x.amax(dim=1, keepdim=True).clamp_(min=0.0)
+    return low, (high - low).clamp_(min=1e-12).div_(float(levels))
 
 
 class Int8Embedding(nn.Module):
