@@ -2,8 +2,11 @@
 
 Request threads submit their inputs and wait on a future; one model thread runs forward passes of
 at most `max_batch_size` inputs and `max_batch_tokens` padded tokens, all with the same prompt,
-and hands each request its own rows back. When the model is idle it waits `wait_seconds` for
-company before starting a pass; when it is busy, requests gather by themselves meanwhile.
+and hands each request its own rows back. Before a pass that is not full the model waits
+`wait_seconds` for company, and up to `gather_seconds` while requests that announced themselves
+(`expecting`: received, still being authenticated and metered) are on their way: a pass has a
+large fixed cost (per-op dispatch), so a request arriving a few milliseconds later is far cheaper
+in this pass than in a pass of its own, and a request with no one on its way is not held back.
 
 Fairness. Each pass is filled in least-recently-served order: first by key (the tenant), then by
 job within a key. A job that got texts in a pass goes behind every job that did not, so a request
@@ -29,8 +32,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +95,7 @@ class Batcher:
         max_batch_size: int,
         max_batch_tokens: int,
         wait_seconds: float,
+        gather_seconds: float = 0.0,
         max_queued_texts: int = 1024,
         max_queued_tokens: int = 131_072,
     ) -> None:
@@ -98,6 +103,11 @@ class Batcher:
         self.max_batch_size = max(1, max_batch_size)
         self.max_batch_tokens = max(1, max_batch_tokens)
         self.wait_seconds = max(0.0, wait_seconds)
+        self.gather_seconds = max(0.0, gather_seconds)
+        # Requests announced by `expecting` that have not submitted yet; which thread announced
+        # is thread-local, because a request runs on one thread from arrival to answer.
+        self._expected = 0
+        self._announced = threading.local()
         self.max_queued_texts = max(1, max_queued_texts)
         self.max_queued_tokens = max(1, max_queued_tokens)
         self._queue: list[_Job] = []
@@ -112,6 +122,23 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._owner_pid = 0
         self._closed = False
+
+    @contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Announces, for the duration of a request on this thread, that it will probably
+        submit: the model may wait for it (up to `gather_seconds`) before a pass that is not
+        full. Its `submit` ends the announcement, and so does leaving without one (a refusal)."""
+        with self._condition:
+            self._expected += 1
+        self._announced.pending = True
+        try:
+            yield
+        finally:
+            if getattr(self._announced, "pending", False):
+                self._announced.pending = False
+                with self._condition:
+                    self._expected -= 1
+                    self._condition.notify()
 
     def submit(
         self,
@@ -149,6 +176,9 @@ class Batcher:
                 rows=[None] * len(inputs),
                 remaining=len(inputs),
             )
+            if getattr(self._announced, "pending", False):
+                self._announced.pending = False
+                self._expected -= 1
             self._ensure_thread()
             self._queue.append(job)
             self._account(job, texts=len(inputs), tokens=sum(costs))
@@ -300,16 +330,24 @@ class Batcher:
                     self._condition.wait()
                 if self._closed and not self._queue:
                     return
-                if self.wait_seconds and self._queued_texts() < self.max_batch_size:
-                    deadline = time.perf_counter() + self.wait_seconds
-                    while self._queue and self._queued_texts() < self.max_batch_size:
-                        left = deadline - time.perf_counter()
-                        if left <= 0:
-                            break
-                        self._condition.wait(left)
+                self._gather()
                 batch = self._take_batch()
             if batch:
                 self._process(batch)
+
+    def _gather(self) -> None:
+        """Called with the lock held: waits for company before a pass that is not full, for
+        `wait_seconds`, and for up to `gather_seconds` while announced requests are on their
+        way."""
+        if not (self.wait_seconds or self.gather_seconds):
+            return
+        started = time.perf_counter()
+        while self._queue and self._queued_texts() < self.max_batch_size and not self._closed:
+            limit = max(self.wait_seconds, self.gather_seconds if self._expected > 0 else 0.0)
+            left = started + limit - time.perf_counter()
+            if left <= 0:
+                return
+            self._condition.wait(left)
 
     def _process(self, batch: list[tuple[_Job, int]]) -> None:
         started = time.perf_counter()

@@ -49,6 +49,7 @@ class Runtime:
             max_batch_size=max_batch_size,
             max_batch_tokens=settings.BATCH_MAX_TOKENS,
             wait_seconds=settings.BATCH_WAIT_MS / 1000.0,
+            gather_seconds=settings.BATCH_GATHER_MS / 1000.0,
             max_queued_texts=settings.BATCH_QUEUE_MAX_TEXTS,
             max_queued_tokens=settings.BATCH_QUEUE_MAX_TOKENS,
         )

@@ -8,6 +8,8 @@ import logging
 from typing import Any
 
 import numpy as np
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 from rest_framework import exceptions, serializers
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import BrowsableAPIRenderer
@@ -56,6 +58,14 @@ class MeteredEmbedView(BrowsableForm, MeteredAPIView):
     def served_model(self) -> str:
         runtime = get_runtime()
         return runtime.encoder.name if runtime is not None else ""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        runtime = get_runtime()
+        if request.method != "POST" or runtime is None:
+            return super().dispatch(request, *args, **kwargs)
+        # From arrival on, the model may wait a moment for this request before its next pass.
+        with runtime.batcher.expecting():
+            return super().dispatch(request, *args, **kwargs)
 
     def post(self, request: Request) -> Response:
         if not isinstance(request.data, dict):

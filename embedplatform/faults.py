@@ -262,7 +262,12 @@ class SocketWatchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="db-watchdog", daemon=True)
                 self._thread.start()
-            self._condition.notify()
+            # Woken only for a deadline earlier than the one it sleeps until: deadlines mostly
+            # come in increasing order, so a round trip costs no thread wake-up (each one is a
+            # cross-CPU interrupt, tens of microseconds on a VM) and the watchdog wakes about
+            # once per DATABASE_ROUND_TRIP_SECONDS, dropping the entries disarmed meanwhile.
+            if self._heap[0][1] == token:
+                self._condition.notify()
             return token
 
     def disarm(self, token: int) -> bool:

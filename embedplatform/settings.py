@@ -233,6 +233,10 @@ TOKEN_ID_INPUT = env.str("TOKEN_ID_INPUT", default="tiktoken")
 # Cross-request batching: how long the batcher waits for company, and the padded-token budget
 # of one forward pass (batch size x longest text), which keeps one long text from ballooning memory.
 BATCH_WAIT_MS = env.float("BATCH_WAIT_MS", default=2.0)
+# ... and how long it may wait while requests already received are still on their way to it
+# (authentication, limits, tokenization): a pass costs far more than its texts add to it
+# (embeddings/batching.py).
+BATCH_GATHER_MS = env.float("BATCH_GATHER_MS", default=50.0)
 BATCH_MAX_TOKENS = env.int("BATCH_MAX_TOKENS", default=4096)
 # Bounds of one worker's queue (texts, padded tokens): beyond them a request gets 503 at once.
 BATCH_QUEUE_MAX_TEXTS = env.int("BATCH_QUEUE_MAX_TEXTS", default=1024)

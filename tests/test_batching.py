@@ -40,6 +40,7 @@ def make(model: RecordingModel, **overrides: float) -> Batcher:
         "max_batch_size": 32,
         "max_batch_tokens": 10_000,
         "wait_seconds": 0.01,
+        "gather_seconds": 0.0,
         "max_queued_texts": 10_000,
         "max_queued_tokens": 1_000_000,
     }
@@ -49,6 +50,7 @@ def make(model: RecordingModel, **overrides: float) -> Batcher:
         max_batch_size=int(options["max_batch_size"]),
         max_batch_tokens=int(options["max_batch_tokens"]),
         wait_seconds=float(options["wait_seconds"]),
+        gather_seconds=float(options["gather_seconds"]),
         max_queued_texts=int(options["max_queued_texts"]),
         max_queued_tokens=int(options["max_queued_tokens"]),
     )
@@ -76,6 +78,63 @@ def words(count: int, prefix: str) -> list[str]:
 def submit(batcher: Batcher, texts: list[str], prompt: str = "") -> np.ndarray:
     counts = [len(t.split()) for t in texts]
     return batcher.submit(texts, prompt=prompt, token_counts=counts).result(timeout=10)
+
+
+def announced_request(
+    batcher: Batcher, texts: list[str] | None, *, after: float
+) -> tuple[threading.Thread, list[np.ndarray]]:
+    """A request thread that announces itself at once and `after` seconds later submits `texts`
+    (or, with None, leaves without submitting, as a refused request does)."""
+    answers: list[np.ndarray] = []
+    announced = threading.Event()
+
+    def run() -> None:
+        with batcher.expecting():
+            announced.set()
+            time.sleep(after)
+            if texts is not None:
+                answers.append(submit(batcher, texts))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert announced.wait(5)
+    return thread, answers
+
+
+def test_it_holds_a_pass_for_a_request_on_its_way() -> None:
+    model = RecordingModel(delay=0)
+    batcher = make(model, wait_seconds=0, gather_seconds=10)
+    on_its_way, answers = announced_request(batcher, ["late"], after=0.3)
+    assert submit(batcher, ["early"]).tolist() == expected(["early"]).tolist()
+    on_its_way.join(5)
+    assert answers[0].tolist() == expected(["late"]).tolist()
+    assert [texts for texts, _ in model.passes] == [["early", "late"]], "one pass for both"
+    batcher.close()
+
+
+def test_it_stops_waiting_for_a_request_that_leaves_without_submitting() -> None:
+    model = RecordingModel(delay=0)
+    batcher = make(model, wait_seconds=0, gather_seconds=10)
+    refused, _ = announced_request(batcher, None, after=0.2)
+    started = time.perf_counter()
+    submit(batcher, ["alone"])
+    assert time.perf_counter() - started < 5, "the pass waited out gather_seconds"
+    refused.join(5)
+    assert [texts for texts, _ in model.passes] == [["alone"]]
+    batcher.close()
+
+
+def test_it_does_not_hold_a_request_when_nobody_is_on_the_way() -> None:
+    model = RecordingModel(delay=0)
+    batcher = make(model, wait_seconds=0, gather_seconds=10)
+    started = time.perf_counter()
+    submit(batcher, ["alone"])
+    assert time.perf_counter() - started < 5, "a lone request waited for company"
+    with batcher.expecting():  # its own announcement does not hold its own pass
+        submit(batcher, ["announced"])
+    assert time.perf_counter() - started < 5
+    assert len(model.passes) == 2
+    batcher.close()
 
 
 def test_it_returns_each_request_its_own_rows_in_order() -> None:

@@ -30,6 +30,7 @@ from embeddings.quantization import (
     model_weight_bytes,
     resolve_quantization,
 )
+from embeddings.quantization.bf16 import PackedBf16Linear, bf16_packing_available
 
 MODES = ("fp32", "bf16", "fp16", "int8", "auto")
 SENTENCES = list(MULTILINGUAL_EVAL_SENTENCES)
@@ -44,6 +45,9 @@ KERNELS = [
     for kernel in INT8_KERNELS
 ]
 needs_fbgemm = pytest.mark.skipif(not cpu_supports_fbgemm_int8(), reason="x86 with AVX2 only")
+needs_bf16_packing = pytest.mark.skipif(
+    not bf16_packing_available(), reason="native bf16 (AVX512-BF16, AMX) only"
+)
 
 
 def expected_int8_kernel() -> str:
@@ -358,3 +362,53 @@ def test_it_refuses_the_fbgemm_kernel_where_it_cannot_run(monkeypatch: pytest.Mo
     with pytest.raises(ValueError, match="AVX2"):
         Int8Linear.from_linear(nn.Linear(8, 4), kernel="fbgemm")
     assert int8_module.default_int8_kernel() in {"dynamic_int8", "dequantize"}
+
+
+@needs_bf16_packing
+def test_it_keeps_bf16_linear_weights_only_packed_and_counts_them(gemma_path: str) -> None:
+    fp32, _ = _load(gemma_path, "fp32")
+    model, info = _load(gemma_path, "bf16")
+    backbone = model[0].auto_model
+    packed = [module for module in backbone.modules() if isinstance(module, PackedBf16Linear)]
+    assert [module for module in backbone.modules() if isinstance(module, nn.Linear)] == []
+    assert len(packed) == info.extra["packed_linears"] > 0
+    layer = backbone.layers[0].self_attn.q_proj
+    original = fp32[0].auto_model.layers[0].self_attn.q_proj
+    assert isinstance(layer, PackedBf16Linear)
+    assert "weight" not in dict(layer.named_parameters()) | dict(layer.named_buffers())
+    # Unpacked on request, the weight is the plain bf16 one.
+    assert torch.equal(layer.weight, original.weight.to(torch.bfloat16))
+    assert layer.packed_bytes == original.weight.numel() * 2
+    assert info.weight_bytes == model_weight_bytes(model)
+    # The Dense heads stay plain fp32 (their inputs arrive as fp32).
+    heads = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert heads
+    assert {head.weight.dtype for head in heads} == {torch.float32}
+
+
+@needs_bf16_packing
+@pytest.mark.parametrize("shape", [(1, 7, 96), (5, 3, 96), (64, 96), (0, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_it_computes_what_a_plain_bf16_linear_computes(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 40, bias=bias).to(torch.bfloat16)
+    packed = PackedBf16Linear(plain)
+    inputs = torch.randn(shape).to(torch.bfloat16)
+    with torch.inference_mode():
+        expected = plain(inputs)
+        got = packed(inputs)
+    assert got.shape == expected.shape
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)  # within bf16 rounding
+
+
+def test_it_packs_nothing_where_bf16_is_emulated(
+    minilm_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import embeddings.quantization.bf16 as bf16_module
+
+    monkeypatch.setattr(bf16_module, "cpu_supports_native_bf16", lambda: False)
+    model, info = _load(minilm_path, "bf16")
+    assert info.extra["packed_linears"] == 0
+    assert not any(isinstance(module, PackedBf16Linear) for module in model.modules())
+    assert model[0].auto_model.encoder.layer[0].intermediate.dense.weight.dtype == torch.bfloat16

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from embeddings.quantization.bf16 import bf16_packing_available, pack_bf16_linears
 from embeddings.quantization.checkpoint import (
     CheckpointPages,
     detach_from_checkpoint,
@@ -87,7 +88,7 @@ def model_weight_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += storage.nbytes()
-    # Weights kept outside tensors (fbgemm's packed int8 layers).
+    # Weights kept outside tensors (fbgemm's packed int8 layers, oneDNN's packed bf16 ones).
     return total + sum(int(getattr(module, "packed_bytes", 0)) for module in model.modules())
 
 
@@ -122,17 +123,24 @@ def _backbones(model: SentenceTransformer) -> list[nn.Module]:
 
 def _apply_half_precision(
     model: SentenceTransformer, dtype: torch.dtype, pages: CheckpointPages
-) -> None:
+) -> int:
+    """Converts the backbones to `dtype`; how many of their linears were packed (bf16)."""
     backbones = _backbones(model)
+    packed = 0
+    pack = dtype == torch.bfloat16 and bf16_packing_available()
     for module in backbones:
         backbone = module.auto_model
         assert isinstance(backbone, nn.Module)  # _backbones picked modules whose auto_model is one
         detach_from_checkpoint(backbone, pages=pages, dtype=dtype)
+        if pack:
+            with torch.no_grad():
+                packed += pack_bf16_linears(backbone)
         module.register_forward_hook(_cast_features_hook)
     # Heads stay fp32: a few MB, and their inputs arrive as fp32 from the hook above.
     for module in model.children():
         if module not in backbones:
             detach_from_checkpoint(module, pages=pages, dtype=torch.float32)
+    return packed
 
 
 def _apply_int8(model: SentenceTransformer, kernel: Int8Kernel, pages: CheckpointPages) -> int:
@@ -206,7 +214,7 @@ def load_quantized_model(
             extra["int8_modules"] = _apply_int8(model, kernel, pages)
         else:
             half = torch.bfloat16 if plan.mode == "bf16" else torch.float16
-            _apply_half_precision(model, half, pages)
+            extra["packed_linears"] = _apply_half_precision(model, half, pages)
         trim_memory()
 
     if max_seq_length is not None:
@@ -224,11 +232,12 @@ def load_quantized_model(
         extra=extra,
     )
     logger.info(
-        "Loaded %s with quantization=%s (%s)%s in %.1fs, weights %.0f MB",
+        "Loaded %s with quantization=%s (%s)%s%s in %.1fs, weights %.0f MB",
         model_name_or_path,
         info.mode,
         plan.reason,
         f", int8 kernel {kernel}" if kernel else "",
+        f", {extra['packed_linears']} linears packed" if extra.get("packed_linears") else "",
         info.load_seconds,
         info.weight_bytes / 2**20,
     )
