@@ -7,6 +7,9 @@ under gunicorn (sync workers) next to the real service, in the same run, as a ya
     BARE_MODEL=... BARE_QUANTIZATION=auto gunicorn -w 2 -b 127.0.0.1:PORT bench.bare_server:app
 
 BARE_MODEL=free answers a constant vector without any model (the framework-free ceiling).
+Each worker loads the model as it boots, before it accepts anything, and answers a GET with its
+pid: bench/service.py measures only once every worker has answered, so no worker is still
+loading (seconds of CPU) while the clients run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     global _encode
     if _encode is None:
         _encode = _load()
+    if environ.get("REQUEST_METHOD") == "GET":
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps({"pid": os.getpid()}).encode()]
     length = int(environ.get("CONTENT_LENGTH") or 0)
     body = json.loads(environ["wsgi.input"].read(length) or b"{}")
     texts = [body["text"]] if "text" in body else list(body.get("texts", []))
@@ -51,3 +57,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     ).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [payload]
+
+
+if os.environ.get("BARE_MODEL"):  # under gunicorn: load while the worker boots
+    _encode = _load()

@@ -9,7 +9,7 @@ Usage::
 
     .venv/bin/python bench/quantization.py [--model PATH_OR_ID ...] [--modes fp32,bf16,fp16,int8]
         [--threads 2] [--seconds 3] [--repeat 1] [--int8-kernels fbgemm,dequantize]
-        [--json OUT]
+        [--bf16-kernels packed,plain] [--json OUT]
 
 Default models: the bundled all-MiniLM-L6-v2 and, if built (``bench/build_full_gemma.py``), the
 full-size EmbeddingGemma look-alike at ``.cache/models/gemma-like-full``.
@@ -62,7 +62,7 @@ class Result:
     model: str
     requested: str
     mode: str
-    int8_kernel: str | None
+    kernel: str | None  # int8: its matmul kernel; bf16: linears packed or plain
     load_s: float
     rss_base_mb: float
     rss_load_mb: float
@@ -120,6 +120,7 @@ def run_worker(args: argparse.Namespace) -> int:
         token=os.environ.get("HF_TOKEN") or None,
         max_seq_length=None,
         int8_kernel=args.int8_kernel or None,
+        pack_bf16=args.bf16_kernel != "plain",
     )
     rss_load = resident_memory_mb()
     embeddings = model.encode(list(MULTILINGUAL_EVAL_SENTENCES), batch_size=8)
@@ -133,7 +134,12 @@ def run_worker(args: argparse.Namespace) -> int:
         model=args.model,
         requested=args.mode,
         mode=info.mode,
-        int8_kernel=info.int8_kernel,
+        kernel=info.int8_kernel
+        or (
+            ("packed" if info.extra.get("packed_linears") else "plain")
+            if info.mode == "bf16"
+            else None
+        ),
         load_s=info.load_seconds,
         rss_base_mb=rss_base,
         rss_load_mb=rss_load,
@@ -168,7 +174,7 @@ def _run_one(
         str(out),
     ]
     if kernel:
-        command += ["--int8-kernel", kernel]
+        command += ["--bf16-kernel" if mode == "bf16" else "--int8-kernel", kernel]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     completed = subprocess.run(
         command, capture_output=True, text=True, env=env, cwd=ROOT, check=False
@@ -202,7 +208,7 @@ def _format_table(results: list[Result]) -> str:
         ]
         failed = r.cos_mean is None or r.cos_mean < MIN_MEAN_COSINE
         lines.append(
-            f"{label:<22} {mode:<11} {(r.int8_kernel or '-'):<16} {r.load_s:>6.1f} "
+            f"{label:<22} {mode:<11} {(r.kernel or '-'):<16} {r.load_s:>6.1f} "
             f"{r.rss_base_mb:>6.0f} {r.rss_load_mb:>6.0f} {r.rss_encode_mb:>6.0f} "
             f"{r.rss_peak_mb:>6.0f} {r.weights_mb:>7.0f} "
             f"{(r.cos_mean if r.cos_mean is not None else float('nan')):>8.5f} "
@@ -233,7 +239,10 @@ def run_report(args: argparse.Namespace) -> int:
     if "fp32" in modes:
         modes.remove("fp32")
     modes.insert(0, "fp32")  # every cosine is measured against it
-    kernels = [k.strip() for k in (args.int8_kernels or "").split(",") if k.strip()]
+    kernels = {
+        mode: [k.strip() for k in (option or "").split(",") if k.strip()]
+        for mode, option in (("int8", args.int8_kernels), ("bf16", args.bf16_kernels))
+    }
 
     print(
         f"threads={args.threads} seconds/batch={args.seconds} batch sizes={BATCH_SIZES} "
@@ -244,8 +253,8 @@ def run_report(args: argparse.Namespace) -> int:
         for model in models:
             runs: list[tuple[str, str | None]] = []
             for mode in modes:
-                if mode == "int8" and kernels:
-                    runs += [("int8", kernel) for kernel in kernels]
+                if kernels.get(mode):
+                    runs += [(mode, kernel) for kernel in kernels[mode]]
                 else:
                     runs.append((mode, None))
             best: dict[tuple[str, str | None], Result] = {}
@@ -307,12 +316,19 @@ def main(argv: list[str] | None = None) -> int:
         "weight_only_pack); default: the one auto-selected for this CPU",
     )
     parser.add_argument(
+        "--bf16-kernels",
+        default="",
+        help="comma list of bf16 linears to compare (packed,plain); default: packed where the "
+        "CPU has native bf16",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="interleaved repeats; best throughput is kept"
     )
     parser.add_argument("--json", help="also write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--int8-kernel", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16-kernel", help=argparse.SUPPRESS)
     parser.add_argument("--embeddings-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -122,12 +122,12 @@ def _backbones(model: SentenceTransformer) -> list[nn.Module]:
 
 
 def _apply_half_precision(
-    model: SentenceTransformer, dtype: torch.dtype, pages: CheckpointPages
+    model: SentenceTransformer, dtype: torch.dtype, pages: CheckpointPages, *, pack: bool
 ) -> int:
     """Converts the backbones to `dtype`; how many of their linears were packed (bf16)."""
     backbones = _backbones(model)
     packed = 0
-    pack = dtype == torch.bfloat16 and bf16_packing_available()
+    pack = pack and dtype == torch.bfloat16 and bf16_packing_available()
     for module in backbones:
         backbone = module.auto_model
         assert isinstance(backbone, nn.Module)  # _backbones picked modules whose auto_model is one
@@ -158,6 +158,7 @@ def load_quantized_model(
     max_seq_length: int | None,
     cache_folder: str | None = None,
     int8_kernel: Int8Kernel | None = None,
+    pack_bf16: bool = True,
     native_bf16: bool | None = None,
 ) -> tuple[SentenceTransformer, QuantizationInfo]:
     """Load a SentenceTransformer on CPU and apply ``MODEL_QUANTIZATION``.
@@ -179,6 +180,8 @@ def load_quantized_model(
         max_seq_length: Override the model's maximum sequence length (None keeps the model's).
         cache_folder: Hub cache directory (None uses the default).
         int8_kernel: Force an int8 kernel (benchmarks); None picks the fast one for this CPU.
+        pack_bf16: False keeps bf16 linears plain (benchmarks); packing happens only where the
+            CPU has native bf16 anyway (see :mod:`embeddings.quantization.bf16`).
         native_bf16: Override bf16 detection for ``auto`` (tests).
 
     Returns:
@@ -214,7 +217,7 @@ def load_quantized_model(
             extra["int8_modules"] = _apply_int8(model, kernel, pages)
         else:
             half = torch.bfloat16 if plan.mode == "bf16" else torch.float16
-            extra["packed_linears"] = _apply_half_precision(model, half, pages)
+            extra["packed_linears"] = _apply_half_precision(model, half, pages, pack=pack_bf16)
         trim_memory()
 
     if max_seq_length is not None:
