@@ -111,3 +111,27 @@ def test_it_reads_the_cpu_a_service_process_tree_spent() -> None:
         busy.communicate("\n", timeout=30)
     assert 0.5 <= spent["gunicorn"] < 5
     assert set(spent) == {"gunicorn", "PostgreSQL", "Redis"}
+
+
+def test_it_starts_the_bare_server_with_every_worker_answering() -> None:
+    import json
+    import urllib.request
+
+    from bench.service import start_bare, stop
+
+    process, url = start_bare({"BARE_MODEL": "free"}, workers=2)
+    try:
+        pids = set()
+        for _ in range(20):  # sync workers close every connection: each request may land anywhere
+            with urllib.request.urlopen(url, timeout=30) as response:
+                pids.add(json.loads(response.read())["pid"])
+        request = urllib.request.Request(
+            url, data=json.dumps({"texts": ["a", "b", "c"]}).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            vectors = json.loads(response.read())["embeddings"]
+    finally:
+        stop(process)
+    assert process.pid not in pids, "workers answer, not the arbiter"
+    assert 1 <= len(pids) <= 2
+    assert [len(vector) for vector in vectors] == [384, 384, 384]
