@@ -134,11 +134,16 @@ class Batcher:
         try:
             yield
         finally:
-            if getattr(self._announced, "pending", False):
-                self._announced.pending = False
+            if getattr(self._announced, "pending", False):  # no submit: the model must not wait
                 with self._condition:
-                    self._expected -= 1
+                    self._end_announcement()
                     self._condition.notify()
+
+    def _end_announcement(self) -> None:
+        """Called with the lock held: this thread's request is no longer on its way."""
+        if getattr(self._announced, "pending", False):
+            self._announced.pending = False
+            self._expected -= 1
 
     def submit(
         self,
@@ -176,9 +181,7 @@ class Batcher:
                 rows=[None] * len(inputs),
                 remaining=len(inputs),
             )
-            if getattr(self._announced, "pending", False):
-                self._announced.pending = False
-                self._expected -= 1
+            self._end_announcement()
             self._ensure_thread()
             self._queue.append(job)
             self._account(job, texts=len(inputs), tokens=sum(costs))
