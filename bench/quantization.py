@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if not __package__:  # run as a script: import the project, not bench/'s own files, by name
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -41,6 +41,9 @@ if not __package__:  # run as a script: import the project, not bench/'s own fil
 from bench.accuracy import MIN_MEAN_COSINE, mean_cosine, min_cosine
 from bench.build_full_gemma import DEFAULT_FULL_GEMMA_PATH, is_built
 from bench.memory import peak_memory_mb, resident_memory_mb
+
+if TYPE_CHECKING:
+    from embeddings.quantization import QuantizationInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZES: tuple[int, ...] = (1, 8, 32)
@@ -134,12 +137,7 @@ def run_worker(args: argparse.Namespace) -> int:
         model=args.model,
         requested=args.mode,
         mode=info.mode,
-        kernel=info.int8_kernel
-        or (
-            ("packed" if info.extra.get("packed_linears") else "plain")
-            if info.mode == "bf16"
-            else None
-        ),
+        kernel=_kernel_label(info),
         load_s=info.load_seconds,
         rss_base_mb=rss_base,
         rss_load_mb=rss_load,
@@ -153,6 +151,13 @@ def run_worker(args: argparse.Namespace) -> int:
     )
     print("RESULT " + json.dumps(asdict(result)), flush=True)
     return 0
+
+
+def _kernel_label(info: QuantizationInfo) -> str | None:
+    """The int8 kernel, or for bf16 whether its linears were packed."""
+    if info.mode == "bf16":
+        return "packed" if info.extra.get("packed_linears") else "plain"
+    return info.int8_kernel
 
 
 def _run_one(

@@ -11,8 +11,6 @@ results are the same numbers as the plain layer's (same kernel, same accumulatio
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -48,10 +46,11 @@ class PackedBf16Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone()
         self.register_buffer("bias", bias)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "weight":  # code that inspects a layer (dtype, shape) gets a plain copy
-            return self.__dict__["_packed"].to_dense()
-        return super().__getattr__(name)
+    @property
+    def weight(self) -> torch.Tensor:
+        """A plain copy, for code that inspects a layer (dtype, shape)."""
+        dense: torch.Tensor = self._packed.to_dense()
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
