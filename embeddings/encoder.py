@@ -5,7 +5,7 @@ tokenizes (cutting each text to what the model can read, see `Tokenized`) and en
 is the protocol the rest of the code holds it by, so unit tests can pass a fake. One per process
 lives in embeddings/runtime.py.
 
-Longer than most modules (about 450 lines) because tokenizing once and encoding the ids must
+Longer than most modules (about 540 lines) because tokenizing once and encoding the ids must
 mirror sentence-transformers' own `encode` step by step (prompts, truncation both ways, padding,
 features, pooling, Dense, Normalize); split, the two halves would only make sense side by side.
 """
@@ -301,10 +301,11 @@ class SentenceTransformerEncoder:
         return self._eager_forward(features)
 
     def _traced_forward(self, traced: TracedBackbone, features: dict[str, Any]) -> dict[str, Any]:
-        """The backbone through its traced graph, then the other modules as usual."""
-        features["token_embeddings"] = traced(features)
-        for module in list(self.model.children())[1:]:
-            features = module(features)
+        """The traced graph, then the modules it does not hold, as usual."""
+        features[traced.output] = traced(features)
+        if traced.output == "token_embeddings":
+            for module in list(self.model.children())[1:]:
+                features = module(features)
         return features
 
     def _eager_forward(self, features: dict[str, Any]) -> dict[str, Any]:

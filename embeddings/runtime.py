@@ -149,6 +149,7 @@ def ensure_loaded() -> Runtime:
         extra={
             "model": encoder.name,
             "dtype": encoder.dtype,
+            "graph": "traced" if encoder.traced is not None else "eager",
             "dimensions": encoder.dimensions,
             "max_seq_length": encoder.max_seq_length,
             "seconds": round(encoder.load_seconds, 3),

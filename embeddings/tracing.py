@@ -41,11 +41,14 @@ class TraceMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class TracedBackbone:
-    """Token embeddings from a traced graph of the backbone (the transformers model inside the
-    sentence-transformers Transformer module)."""
+    """A traced graph of the backbone (the transformers model inside the sentence-transformers
+    Transformer module), and of the modules after it where they can be traced too. `output` is
+    the feature it makes: "sentence_embedding" when it holds the whole model, else
+    "token_embeddings" (the other modules then run eagerly after it)."""
 
     graph: Any
     takes_token_types: bool
+    output: str = "token_embeddings"
 
     def __call__(self, features: Features) -> Any:
         inputs = [features["input_ids"], features["attention_mask"]]
@@ -74,6 +77,23 @@ def traceable_backbone(model: Any) -> Any | None:
     return backbone
 
 
+# Modules after the backbone that work on tensors only, and so can be part of the graph. Pooling
+# only when it pools the prompt's tokens too: otherwise it reads the prompt's length, a number
+# per request that a graph would freeze.
+_TRACEABLE_TAIL = ("Dense", "Normalize")
+
+
+def traceable_tail(model: Any) -> list[Any]:
+    """The modules after the backbone, when every one of them can be traced; else none."""
+    tail = list(model.children())[1:]
+    for module in tail:
+        name = type(module).__name__
+        pools_prompt = name == "Pooling" and getattr(module, "include_prompt", False) is True
+        if not pools_prompt and name not in _TRACEABLE_TAIL:
+            return []
+    return tail
+
+
 def trace_backbone(
     *,
     model: Any,
@@ -94,11 +114,13 @@ def trace_backbone(
         raise TraceMismatch("the model's first module is not a text transformer to trace")
     fast_masks = supports_fast_masks(backbone)
     mask_dtype = backbone.get_input_embeddings().weight.dtype
+    tail = traceable_tail(model)
 
     class Graph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.backbone: Any = backbone
+            self.tail = torch.nn.ModuleList(tail)
 
         def forward(self, *inputs: Any) -> Any:
             input_ids, padding_mask = inputs[0], inputs[1]
@@ -112,7 +134,10 @@ def trace_backbone(
                 input_ids=input_ids, attention_mask=attention_mask, return_dict=False, **extra
             )
             # In fp32, as the hook of a half-precision backbone hands them on (quantization).
-            return out[0].float()
+            features = {"token_embeddings": out[0].float(), "attention_mask": padding_mask}
+            for module in self.tail:
+                features = module(features)
+            return features["sentence_embedding" if tail else "token_embeddings"]
 
     vocab = int(backbone.get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(0)
@@ -129,7 +154,11 @@ def trace_backbone(
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python branches: checked below
         graph = torch.jit.trace(Graph().eval(), tuple(inputs), check_trace=False)
-    traced = TracedBackbone(graph=graph, takes_token_types=takes_token_types)
+    traced = TracedBackbone(
+        graph=graph,
+        takes_token_types=takes_token_types,
+        output="sentence_embedding" if tail else "token_embeddings",
+    )
     window = getattr(backbone.config, "sliding_window", None) or _DEFAULT_LONG_CHECK
     long = min(max_length, int(window) + 8)
     for lengths in (*_CHECK_LENGTHS, (long, 3)):

@@ -22,6 +22,7 @@ README_COMMANDS = (
     "bench/build_full_gemma.py",
     "bench/load_memory.py",
     "bench/gemma_builder.py",
+    "bench/graph.py",
 )
 
 
@@ -155,3 +156,30 @@ def test_it_runs_each_bare_worker_on_one_torch_thread_whatever_the_service_would
     finally:
         stop(process)
     assert about["torch_threads"] == 1
+
+
+def test_it_times_the_eager_and_the_traced_pass_of_the_gemma_architecture(
+    gemma_tiny_path: Path,
+) -> None:
+    completed = _run(
+        "bench/graph.py",
+        "--model",
+        str(gemma_tiny_path),
+        "--quantization",
+        "fp32",
+        "--batches",
+        "1,2",
+        "--busy",
+        "0,1",
+        "--seconds",
+        "0.2",
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split() for line in completed.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [(row[0], row[1]) for row in rows] == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
+    for _texts, _busy, eager_ms, traced_ms, ratio in (row[:5] for row in rows):
+        assert float(eager_ms) > 0
+        assert float(traced_ms) > 0
+        assert float(ratio.rstrip("x")) == pytest.approx(
+            float(eager_ms) / float(traced_ms), rel=0.02
+        )

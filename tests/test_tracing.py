@@ -96,3 +96,27 @@ def test_it_runs_eagerly_when_tracing_is_switched_off() -> None:
             model_name="", quantization="fp32", max_seq_length=256, hf_token=None
         )
     assert encoder.traced is None
+
+
+def test_it_holds_the_whole_model_in_the_graph_where_every_module_can_be_traced(
+    gemma_encoder: SentenceTransformerEncoder, minilm_encoder: SentenceTransformerEncoder
+) -> None:
+    # Pooling, both Dense layers and Normalize: each op outside the graph waits for the GIL.
+    for encoder in (gemma_encoder, minilm_encoder):
+        assert encoder.traced is not None
+        assert encoder.traced.output == "sentence_embedding"
+
+
+def test_it_leaves_a_pooling_that_skips_the_prompt_outside_the_graph() -> None:
+    # Such a pooling reads the prompt's length, a number per request that a graph would freeze.
+    encoder = encoder_module.load_encoder(
+        model_name="", quantization="fp32", max_seq_length=256, hf_token=None, trace=False
+    )
+    pooling = list(encoder.model.children())[1]
+    pooling.include_prompt = False
+    assert encoder.trace() == "traced"
+    assert encoder.traced is not None
+    assert encoder.traced.output == "token_embeddings"
+    for prompt in ("query: ", "a much longer instruction before the text: "):
+        eager, traced = eager_and_traced(encoder, TEXTS[1:], prompt)
+        np.testing.assert_allclose(traced, eager, rtol=1e-5, atol=1e-6)
