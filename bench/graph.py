@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     eager = replace(traced, traced=None)
     texts = short_queries(64, seed=11)
     print(
-        f"model={traced.name} dtype={traced.dtype} torch threads={args.threads}, "
+        f"model={args.model or traced.name} dtype={traced.dtype} torch threads={args.threads}, "
         "ms per pass (median)"
     )
     print(f"{'texts':>5} {'busy':>4} {'eager':>8} {'traced':>8} {'ratio':>6}  busy work/s")

@@ -529,8 +529,11 @@ def load_encoder(
         load_seconds=seconds,
     )
     if settings.MODEL_TRACE if trace is None else trace:
+        from embeddings.quantization import trim_memory
+
         started = time.perf_counter()
         outcome = encoder.trace()
+        trim_memory()  # the check passes' activations, freed but kept by the C heap
         encoder.load_seconds += time.perf_counter() - started
         log = logger.info if encoder.traced is not None else logger.warning
         log(

@@ -1,5 +1,5 @@
-"""The model's backbone as one TorchScript graph (`torch.jit.trace`), used only once it matched the
-eager model at load.
+"""The model as one TorchScript graph (`torch.jit.trace`): its backbone, and the modules after it
+where every one of them can be traced; used only once it matched the eager model at load.
 
 Why: eager PyTorch runs each op from Python, and gives the GIL up and takes it back around every
 one. In a worker whose request threads run Python (parsing, metering, rendering), the model
@@ -102,9 +102,10 @@ def trace_backbone(
     traced_forward: Callable[[TracedBackbone, Features], Features],
     max_length: int,
 ) -> TracedBackbone:
-    """Traces the backbone of `model` and checks it against `eager_forward`; raises (with the
-    reason) when it cannot be traced or does not match. `features_of` makes a batch's features
-    from token id rows, `traced_forward` runs the pipeline with a traced backbone."""
+    """Traces the backbone of `model` (with the modules after it, where `traceable_tail` allows)
+    and checks it against `eager_forward`; raises, with the reason, when it cannot be traced or
+    does not match. `features_of` makes a batch's features from token id rows; `traced_forward`
+    runs the model with the graph."""
     import torch
 
     from embeddings.attention_masks import bidirectional_masks, supports_fast_masks
