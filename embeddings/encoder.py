@@ -534,10 +534,8 @@ def load_encoder(
         started = time.perf_counter()
         outcome = encoder.trace()
         trim_memory()  # the check passes' activations, freed but kept by the C heap
-        encoder.load_seconds += time.perf_counter() - started
+        tracing_seconds = time.perf_counter() - started
+        encoder.load_seconds += tracing_seconds
         log = logger.info if encoder.traced is not None else logger.warning
-        log(
-            "model_graph",
-            extra={"graph": outcome, "seconds": round(time.perf_counter() - started, 3)},
-        )
+        log("model_graph", extra={"graph": outcome, "seconds": round(tracing_seconds, 3)})
     return encoder
