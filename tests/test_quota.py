@@ -319,3 +319,21 @@ def test_it_charges_against_a_quota_lowered_by_another_process_on_the_next_reque
     assert "of 9 remain" in response.json()["error"]["message"]
     assert charged(alice.tenant) == logged(alice.tenant) == 8
     assert UsageLog.objects.filter(tenant=alice.tenant, status_code=429, tokens=0).count() == 1
+
+
+@pytest.mark.django_db
+def test_it_has_postgresql_keep_the_charge_prepared_after_a_few_requests(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    # Parsing and planning the charge was a third of PostgreSQL's CPU per request.
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("prepared statements are PostgreSQL's")
+    for _ in range(7):
+        assert embed(alice).status_code == 200
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert any("UPDATE accounts_quotaperiod" in statement for statement in prepared), prepared
+    assert charged(alice.tenant) == logged(alice.tenant) > 0

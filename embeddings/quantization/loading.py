@@ -82,6 +82,8 @@ def model_weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_mkldnn:  # oneDNN's packed bf16 weights: no storage; counted below
+            continue
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         if key in seen:
