@@ -11,7 +11,7 @@ document by embeddings/schema_fields.py's extensions, which target the field cla
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.utils import extend_schema_field
@@ -102,7 +102,31 @@ class TextListField(serializers.ListField):
         super().__init__(**kwargs)
 
 
-class PromptAndDimensionsSerializer(serializers.Serializer):
+class PrototypeFieldsSerializer(serializers.Serializer):
+    """A serializer that builds its fields once per class, then gives each instance shallow
+    copies of them.
+
+    DRF deep-copies every declared field for every instance, which re-runs each field's
+    __init__: 60-80 us of the 90-120 us an embed request's validation took (Intel, one text).
+    The copies share only what validation reads and never changes (choices, limits, messages,
+    a list's child field); each is bound to its own serializer as usual."""
+
+    _prototypes: ClassVar[dict[type, dict[str, serializers.Field]]] = {}
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        prototypes = self._prototypes.get(type(self))
+        if prototypes is None:
+            prototypes = self._prototypes.setdefault(type(self), super().get_fields())
+        return {name: _shallow_copy(field) for name, field in prototypes.items()}
+
+
+def _shallow_copy(field: serializers.Field) -> serializers.Field:
+    clone: serializers.Field = object.__new__(type(field))
+    clone.__dict__.update(field.__dict__)
+    return clone
+
+
+class PromptAndDimensionsSerializer(PrototypeFieldsSerializer):
     """The options every embed endpoint takes, OpenAI's included: prompt, dimensions and
     truncation."""
 
