@@ -23,6 +23,7 @@ README_COMMANDS = (
     "bench/load_memory.py",
     "bench/gemma_builder.py",
     "bench/graph.py",
+    "bench/request_cpu.py",
 )
 
 
@@ -183,3 +184,29 @@ def test_it_times_the_eager_and_the_traced_pass_of_the_gemma_architecture(
         assert float(ratio.rstrip("x")) == pytest.approx(
             float(eager_ms) / float(traced_ms), rel=0.02
         )
+
+
+def test_it_breaks_a_requests_cpu_down_by_step_of_the_metered_path(gemma_tiny_path: Path) -> None:
+    completed = _run("bench/request_cpu.py", "--model", str(gemma_tiny_path), "--requests", "60")
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    steps = {
+        line.split(maxsplit=1)[1].strip(): float(line.split()[0])
+        for line in lines
+        if line[:12].strip().replace(".", "").isdigit()
+    }
+    for step in (
+        "request",
+        "view",
+        "Supabase JWT",
+        "requests per minute (cache)",
+        "validation (serializer)",
+        "tokenization",
+        "charge and usage row (SQL)",
+        "rest of HTTP handler, middleware",
+        "embed-batcher",
+    ):
+        assert steps[step] > 0, (step, completed.stdout)
+    # The steps nest: a parent's time covers its children's.
+    assert steps["request"] >= steps["view"] >= steps["handler"] >= steps["tokenization"]
+    assert steps["served: charge, metrics"] >= steps["charge and usage row (SQL)"]
