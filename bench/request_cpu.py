@@ -221,7 +221,12 @@ def main() -> None:
             "wsgi.errors": sys.stderr,
         }
         statuses: list[str] = []
-        result = application(environ, lambda status, headers, *_: statuses.append(status))
+
+        def start_response(status: str, headers: Any, *_: Any) -> Callable[[bytes], object]:
+            statuses.append(status)
+            return lambda _data: None
+
+        result = application(environ, start_response)
         b"".join(result)
         getattr(result, "close", lambda: None)()
         if not statuses[0].startswith("200"):
