@@ -32,6 +32,11 @@ BATCH_SIZE = Histogram(
     "Texts per model forward pass after cross-request batching.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+CHARGE_GROUP_SIZE = Histogram(
+    "embed_charge_group_size",
+    "Charges (with their usage rows) committed together in one PostgreSQL transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 QUEUE_WAIT = Histogram(
     "embed_queue_wait_seconds",
     "Time a request's texts waited for the model.",

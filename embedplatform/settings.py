@@ -339,6 +339,9 @@ AUTH_CACHE_SECONDS = env.float("AUTH_CACHE_SECONDS", default=5.0)
 # Seconds a worker may skip the quota pre-check's query for a tenant it saw far (10%) from its
 # quota; 0 queries every time. The charge is atomic regardless: nothing can overspend.
 QUOTA_PRECHECK_CACHE_SECONDS = env.float("QUOTA_PRECHECK_CACHE_SECONDS", default=5.0)
+# PostgreSQL: the charges (with usage rows) that a worker's requests make at the same moment are
+# committed in one transaction by a writer thread; each response still waits for its own commit.
+CHARGE_GROUP_COMMIT = env.bool("CHARGE_GROUP_COMMIT", default=True)
 
 # --- Admin login throttling (django-axes) ------------------------------------------------------
 AXES_ENABLED = env.bool("AXES_ENABLED", default=True)

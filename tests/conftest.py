@@ -25,6 +25,7 @@ from rest_framework.test import APIClient
 
 from accounts import services
 from accounts.jwt import mint_token
+from accounts.metering import ledger
 from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
 from embeddings import encoder as encoder_module
 from embeddings import runtime
@@ -159,6 +160,14 @@ def _fresh_rate_limits() -> Iterator[None]:
     # A test that took Redis away must not fail the next one's teardown.
     with contextlib.suppress(Exception):
         cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _charge_writer_closed() -> Iterator[None]:
+    """A test whose requests charged through the group-commit writer leaves no connection of
+    it open (the test database could not be dropped)."""
+    yield
+    ledger.close_charge_groups()
 
 
 @dataclass

@@ -27,6 +27,7 @@ SERVICE_METRICS = {
     "embed_tokens": ("counter", {"endpoint"}),
     "embed_inputs": ("counter", {"endpoint"}),
     "embed_batch_size": ("histogram", set()),
+    "embed_charge_group_size": ("histogram", set()),
     "embed_queue_wait_seconds": ("histogram", set()),
     "embed_rate_limited": ("counter", set()),
     "embed_quota_exceeded": ("counter", set()),

@@ -1,0 +1,145 @@
+"""Group commit on PostgreSQL (accounts/metering/group_commit.py): requests that charge at the
+same moment share one transaction, and each is still charged exactly once, within its quota,
+with its usage row, or refused with nothing charged."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import connection, connections
+from django.db.models import Sum
+from django.test import override_settings
+
+from accounts.models import QuotaPeriod, Tenant, UsageLog
+from accounts.selectors import current_period_start
+from embedplatform import metrics
+from tests.conftest import FakeEncoder, Person
+from tests.helpers import embed
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _postgresql() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("group commit is PostgreSQL's")
+
+
+def unlimited(tenant: Tenant, *, quota: int | None = None) -> None:
+    Tenant.objects.filter(pk=tenant.pk).update(
+        requests_per_minute=10**6, tokens_per_minute=10**9, monthly_token_quota=quota
+    )
+
+
+def at_once(count: int, work: Callable[[], Any]) -> list[Any]:
+    """`work` in `count` threads released together; their results."""
+    start = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def run(index: int) -> None:
+        start.wait()
+        try:
+            results[index] = work()
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def charged(tenant: Tenant) -> int:
+    row = QuotaPeriod.objects.filter(tenant=tenant, period_start=current_period_start()).first()
+    return row.tokens if row is not None else 0
+
+
+def logged(tenant: Tenant) -> int:
+    return UsageLog.objects.filter(tenant=tenant).aggregate(total=Sum("tokens"))["total"] or 0
+
+
+def groups() -> tuple[float, float]:
+    """(charges, transactions) the writer has committed so far in this process."""
+    samples = {
+        sample.name: sample.value
+        for family in metrics.CHARGE_GROUP_SIZE.collect()
+        for sample in family.samples
+    }
+    return samples["embed_charge_group_size_sum"], samples["embed_charge_group_size_count"]
+
+
+def test_it_commits_concurrent_charges_together_each_exactly_once(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200  # the month's quota row exists from here on
+    charges_before, transactions_before = groups()
+
+    statuses = at_once(40, lambda: embed(alice).status_code)
+
+    assert statuses == [200] * 40
+    charges, transactions = groups()
+    assert charges - charges_before == 40
+    assert transactions - transactions_before < 40  # some shared a transaction
+    assert UsageLog.objects.filter(tenant=alice.tenant, status_code=200).count() == 41
+    assert charged(alice.tenant) == logged(alice.tenant) == 41 * 4
+
+
+def test_it_serves_no_more_than_the_quota_holds_when_charges_share_a_transaction(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    unlimited(alice.tenant, quota=10 * 4 + 3)  # room for ten 4-token requests, not eleven
+    assert embed(alice).status_code == 200
+
+    statuses = at_once(30, lambda: embed(alice).status_code)
+
+    assert sorted(statuses) == [200] * 9 + [429] * 21
+    assert charged(alice.tenant) == logged(alice.tenant) == 10 * 4
+    refused = UsageLog.objects.filter(tenant=alice.tenant, status_code=429)
+    assert refused.count() == 21
+    assert set(refused.values_list("tokens", flat=True)) == {0}
+
+
+def test_it_replaces_a_writer_connection_the_server_ended_without_failing_a_request(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200
+    with connection.cursor() as cursor:  # every other session of this database: the writer's
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    assert embed(alice).status_code == 200
+    assert charged(alice.tenant) == logged(alice.tenant) == 2 * 4
+
+
+def test_it_answers_503_and_charges_nothing_when_the_database_does_not_answer_in_time(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200
+    holder = connections.create_connection("default")
+    try:
+        with holder.cursor() as cursor:  # holds the quota row: the next charge waits on it
+            cursor.execute("BEGIN")
+            cursor.execute(
+                "SELECT tokens FROM accounts_quotaperiod WHERE tenant_id = %s FOR UPDATE",
+                [alice.tenant.pk],
+            )
+            with override_settings(DATABASE_ROUND_TRIP_SECONDS=1.0):
+                response = embed(alice)
+            cursor.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "database_unavailable"
+    assert response["Retry-After"]
+    assert embed(alice).status_code == 200  # the writer is back on a fresh connection
+    assert charged(alice.tenant) == logged(alice.tenant) == 2 * 4
