@@ -1,18 +1,22 @@
 """CPU per request, by step of the metered path, measured in-process with each thread's own clock.
 
     .venv/bin/python bench/request_cpu.py [--model PATH_OR_ID] [--requests 2000]
-        [--endpoint /v1/embeddings] [--database env|sqlite]
+        [--endpoint /v1/embeddings] [--database env|sqlite] [--clients 1]
 
-One client sends 1-text short queries straight to the WSGI application (no gunicorn, no
-sockets), so each step's thread CPU is read without sampling: every step below is wrapped in a
-`time.thread_time()` pair. py-spy (`bench/service.py --profile`) samples wall time, which counts
-a thread blocked on Redis, PostgreSQL or the model as busy; this counts only what a step costs
-the CPU. The request thread's steps nest as printed; "rest of ..." is what the listed children
-do not cover. Below them: the other threads of the worker (the batcher, which runs the model)
-and the server processes, per request, read from /proc: this process's own PostgreSQL backend
-(other clients of the server do not count) and Redis (all of it: run it on a quiet machine). With
-`--database sqlite` the cache is the local one and there are no servers. The "(cache)" steps
-are the rate-limit windows in Redis, or the local cache.
+Request threads (one by default) send 1-text short queries straight to the WSGI application
+(no gunicorn, no sockets), so each step's thread CPU is read without sampling: every step below
+is wrapped in a `time.thread_time()` pair. py-spy (`bench/service.py --profile`) samples wall
+time, which counts a thread blocked on Redis, PostgreSQL or the model as busy; this counts only
+what a step costs the CPU.
+
+The request thread's steps nest as printed; "rest of ..." is what the listed children do not
+cover. Below them: the worker's other threads (the batcher, which runs the model; the charge
+writer) and the server processes, per request, read from /proc: the PostgreSQL backends of the
+bench's database (clients of other databases do not count) and Redis (all of it: run it on a
+quiet machine). With `--database sqlite` the cache is the local one and there are no servers.
+The "(cache)" steps are the rate-limit windows in Redis, or the local cache. One client's
+charges each get a transaction of their own; with `--clients 16` they share them (group
+commit), which is where the charge writer and PostgreSQL cost less per request.
 
 The default model is the tiny EmbeddingGemma-architecture model (almost no model work), as in
 `bench/service.py --ceiling`: what is left is the stack's own cost.
@@ -98,6 +102,7 @@ class Clock:
     seconds: float = 0.0
     calls: int = 0
     local: threading.local = field(default_factory=threading.local)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wrap(self, function: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -110,8 +115,10 @@ class Clock:
             finally:
                 self.local.depth = depth
                 if depth == 0:
-                    self.seconds += time.thread_time() - started
-                    self.calls += 1
+                    spent = time.thread_time() - started
+                    with self.lock:  # request threads of --clients share the clock
+                        self.seconds += spent
+                        self.calls += 1
 
         return timed
 
@@ -147,17 +154,22 @@ def thread_cpu_by_name() -> dict[str, float]:
 
 
 def backend_cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of this process's own PostgreSQL backend (other clients of the server,
-    a test run say, do not count) and of the Redis server."""
+    """CPU seconds so far of the PostgreSQL backends serving this bench's database (the request
+    thread's, the charge writer's; other databases' clients, a test run say, do not count) and
+    of the Redis server."""
     from django.db import connection
 
     totals = {"PostgreSQL": 0.0, "Redis": cpu_seconds_by_process(gunicorn_pid=-1)["Redis"]}
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            pid = cursor.fetchone()[0]
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        totals["PostgreSQL"] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            pids = [row[0] for row in cursor.fetchall()]
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            totals["PostgreSQL"] += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
     return totals
 
 
@@ -172,6 +184,12 @@ def main() -> None:
         "--endpoint", default="/v1/embeddings", choices=["/v1/embeddings", "/embed"]
     )
     parser.add_argument("--database", choices=["env", "sqlite"], default="env")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="request threads at once (charges then share transactions: group commit)",
+    )
     args = parser.parse_args()
 
     if args.database == "sqlite":
@@ -193,6 +211,7 @@ def main() -> None:
     token = prepare_tenant()
 
     from django.core.wsgi import get_wsgi_application
+    from django.db import connections
 
     from embeddings.runtime import ensure_loaded
 
@@ -238,10 +257,25 @@ def main() -> None:
         clock.seconds, clock.calls = 0.0, 0
     servers_before = backend_cpu_seconds()
     threads_before = thread_cpu_by_name()
-    started_cpu, started_wall = time.thread_time(), time.perf_counter()
-    for number in range(args.requests):
-        request(number)
-    request_cpu = time.thread_time() - started_cpu
+    request_cpu = 0.0
+    totals_lock = threading.Lock()
+
+    def client(first: int) -> None:
+        nonlocal request_cpu
+        started = time.thread_time()
+        for number in range(first, args.requests, args.clients):
+            request(number)
+        spent = time.thread_time() - started
+        with totals_lock:
+            request_cpu += spent
+        connections.close_all()  # this thread's own (the request threads of a worker keep theirs)
+
+    started_wall = time.perf_counter()
+    clients = [threading.Thread(target=client, args=(first,)) for first in range(args.clients)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
     wall = time.perf_counter() - started_wall
     threads_after = thread_cpu_by_name()
     servers_after = backend_cpu_seconds()
@@ -254,7 +288,7 @@ def main() -> None:
     print(
         f"model={runtime.encoder.name} quantization={args.quantization} "
         f"endpoint={args.endpoint} database={os.environ.get('DATABASE_URL', '').split(':')[0]} "
-        f"requests={count}, one at a time: {wall * 1e3 / count:.2f} ms each"
+        f"requests={count}, clients={args.clients}: {count / wall:.0f} requests/s"
     )
     print("\nCPU per request, us (the request thread's steps nest as indented)")
     totals = {"request": request_cpu, **{label: clock.seconds for label, clock in clocks.items()}}
