@@ -17,6 +17,7 @@ request's 503 `database_unavailable`): nothing of it was committed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -122,7 +123,8 @@ class ChargeGroups:
             finally:
                 for item in group:
                     item.done.set()
-        connection.close()
+        with contextlib.suppress(Exception):  # closing: a connection already broken is gone
+            connection.close()
 
     def _commit(self, group: list[dict[str, Any]]) -> list[int | None]:
         """One transaction, one round trip: the statements pipelined, each one's answer read."""
