@@ -85,16 +85,26 @@ def profiled(
     return profile_breakdown(raw, rate, runs[name]["requests"])
 
 
+def stat_fields(path: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat (or task) file after the command name: index 1 is the
+    parent, 11 and 12 the user and system ticks. Raises OSError once it has ended."""
+    with open(path) as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(fields: list[str]) -> float:
+    """User + system CPU seconds of `stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds_by_process(gunicorn_pid: int) -> dict[str, float]:
     """CPU seconds so far (user + system) of the service's gunicorn processes, and of every
     PostgreSQL and Redis server process on the machine: read before and after a run, the
     difference over the requests served is what one request costs each of them."""
-    tick = os.sysconf("SC_CLK_TCK")
     totals = {"gunicorn": 0.0, "PostgreSQL": 0.0, "Redis": 0.0}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            fields = stat_fields(f"/proc/{pid}/stat")
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
                 command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
@@ -108,5 +118,5 @@ def cpu_seconds_by_process(gunicorn_pid: int) -> dict[str, float]:
             name = "Redis"
         else:
             continue
-        totals[name] += (int(fields[11]) + int(fields[12])) / tick
+        totals[name] += cpu_seconds(fields)
     return totals

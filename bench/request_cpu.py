@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.cpu_profile import cpu_seconds_by_process  # noqa: E402
+from bench.cpu_profile import cpu_seconds, cpu_seconds_by_process, stat_fields  # noqa: E402
 
 # (label, module, owner(s) inside the module ("A|B") or "" for the module, attribute, parent)
 STEPS: list[tuple[str, str, str, str, str]] = [
@@ -138,18 +138,16 @@ def install_clocks() -> dict[str, Clock]:
 
 
 def thread_cpu_by_name() -> dict[str, float]:
-    """CPU seconds of this process's threads by name ("request" for the calling thread)."""
+    """CPU seconds of this process's threads, by thread name."""
     names = {thread.native_id: thread.name for thread in threading.enumerate()}
-    names[threading.get_native_id()] = "request"
-    ticks = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
     for tid in os.listdir("/proc/self/task"):
         try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            seconds = cpu_seconds(stat_fields(f"/proc/self/task/{tid}/stat"))
+        except OSError:  # ended meanwhile
             continue
         name = names.get(int(tid), "other")
-        totals[name] = totals.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+        totals[name] = totals.get(name, 0.0) + seconds
     return totals
 
 
@@ -166,10 +164,9 @@ def backend_cpu_seconds() -> dict[str, float]:
             pids = [row[0] for row in cursor.fetchall()]
         for pid in pids:
             try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                totals["PostgreSQL"] += cpu_seconds(stat_fields(f"/proc/{pid}/stat"))
             except OSError:  # ended meanwhile
                 continue
-            totals["PostgreSQL"] += (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
     return totals
 
 
@@ -307,10 +304,11 @@ def main() -> None:
             print(f"  {us(rest)}  {'  ' * (depth + 1)}rest of {what}")
 
     show("request", 0)
+    # The request threads have ended by now (their CPU is above); the main thread only waited.
     other_threads = {
         name: threads_after.get(name, 0.0) - threads_before.get(name, 0.0)
         for name in threads_after
-        if name != "request"
+        if name != "MainThread"
     }
     print("\nother threads of the worker, us per request")
     for name, seconds in sorted(other_threads.items(), key=lambda item: -item[1]):

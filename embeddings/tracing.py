@@ -51,10 +51,15 @@ class TracedBackbone:
     output: str = "token_embeddings"
 
     def __call__(self, features: Features) -> Any:
-        inputs = [features["input_ids"], features["attention_mask"]]
-        if self.takes_token_types:
-            inputs.append(features["token_type_ids"])
-        return self.graph(*inputs)
+        return self.graph(*_graph_inputs(features, self.takes_token_types))
+
+
+def _graph_inputs(features: Features, takes_token_types: bool) -> list[Any]:
+    """The graph's positional inputs, in the order it was traced with."""
+    inputs = [features["input_ids"], features["attention_mask"]]
+    if takes_token_types:
+        inputs.append(features["token_type_ids"])
+    return inputs
 
 
 def traceable_backbone(model: Any) -> Any | None:
@@ -149,12 +154,10 @@ def trace_backbone(
 
     example = batch(_EXAMPLE_LENGTHS)
     takes_token_types = "token_type_ids" in example
-    inputs = [example["input_ids"], example["attention_mask"]]
-    if takes_token_types:
-        inputs.append(example["token_type_ids"])
+    inputs = tuple(_graph_inputs(example, takes_token_types))
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python branches: checked below
-        graph = torch.jit.trace(Graph().eval(), tuple(inputs), check_trace=False)
+        graph = torch.jit.trace(Graph().eval(), inputs, check_trace=False)
     traced = TracedBackbone(
         graph=graph,
         takes_token_types=takes_token_types,

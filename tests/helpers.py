@@ -1,12 +1,16 @@
-"""Helpers the test modules share: one embed request and one check of the documented error shape."""
+"""Helpers the test modules share: one embed request, one check of the documented error shape,
+and what a tenant was charged and logged this month."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from django.db.models import Sum
 from django.test import Client
 
+from accounts.models import QuotaPeriod, Tenant, UsageLog
+from accounts.selectors import current_period_start
 from tests.conftest import Person
 
 
@@ -73,3 +77,13 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def charged(tenant: Tenant) -> int:
+    """The tokens charged to the tenant's quota this month."""
+    return QuotaPeriod.objects.get(tenant=tenant, period_start=current_period_start()).tokens
+
+
+def logged(tenant: Tenant) -> int:
+    """The tokens of the tenant's usage log, all of it."""
+    return UsageLog.objects.filter(tenant=tenant).aggregate(total=Sum("tokens"))["total"] or 0

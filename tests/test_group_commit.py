@@ -10,14 +10,12 @@ from typing import Any
 
 import pytest
 from django.db import connection, connections
-from django.db.models import Sum
 from django.test import override_settings
 
-from accounts.models import QuotaPeriod, Tenant, UsageLog
-from accounts.selectors import current_period_start
+from accounts.models import Tenant, UsageLog
 from embedplatform import metrics
 from tests.conftest import FakeEncoder, Person
-from tests.helpers import embed
+from tests.helpers import charged, embed, logged
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,15 +50,6 @@ def at_once(count: int, work: Callable[[], Any]) -> list[Any]:
     for thread in threads:
         thread.join()
     return results
-
-
-def charged(tenant: Tenant) -> int:
-    row = QuotaPeriod.objects.filter(tenant=tenant, period_start=current_period_start()).first()
-    return row.tokens if row is not None else 0
-
-
-def logged(tenant: Tenant) -> int:
-    return UsageLog.objects.filter(tenant=tenant).aggregate(total=Sum("tokens"))["total"] or 0
 
 
 def groups() -> tuple[float, float]:

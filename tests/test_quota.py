@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db.models import Sum
 from django.test import Client
 
 from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
@@ -25,7 +24,7 @@ from accounts.selectors import (
     quota_periods,
 )
 from tests.conftest import FakeEncoder, Person
-from tests.helpers import assert_error, embed
+from tests.helpers import assert_error, charged, embed, logged
 from tests.service import Service, start_service
 
 
@@ -39,14 +38,6 @@ def spend(tenant: Tenant, tokens: int, *, month: date | None = None) -> None:
 
 def set_quota(tenant: Tenant, tokens: int) -> None:
     Tenant.objects.filter(pk=tenant.pk).update(monthly_token_quota=tokens)
-
-
-def charged(tenant: Tenant) -> int:
-    return QuotaPeriod.objects.get(tenant=tenant, period_start=current_period_start()).tokens
-
-
-def logged(tenant: Tenant) -> int:
-    return UsageLog.objects.filter(tenant=tenant).aggregate(total=Sum("tokens"))["total"] or 0
 
 
 @pytest.mark.django_db

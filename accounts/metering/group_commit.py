@@ -26,21 +26,27 @@ from typing import Any
 import psycopg
 from django.conf import settings
 from django.db import connection
-from django.db.utils import InterfaceError, OperationalError
+from django.db.utils import OperationalError
 
 from embedplatform import metrics
-from embedplatform.faults import bounded_round_trip
+from embedplatform.faults import DATABASE_ERRORS, bounded_round_trip
 
-# What a request is told when its group met a database fault: the same 503 as alone.
-_DATABASE_FAULTS = (
+# What a request is told when its group met a database fault: the same 503 as alone. The
+# writer uses psycopg's connection directly, so psycopg's own classes count too.
+_DATABASE_FAULTS: tuple[type[BaseException], ...] = (
+    *DATABASE_ERRORS,
     psycopg.OperationalError,
     psycopg.InterfaceError,
-    OperationalError,
-    InterfaceError,
 )
 
 # Beyond this many charges a transaction holds the tenant's quota row longer than it saves.
 MAX_GROUP = 64
+
+
+def _writer_bound() -> float:
+    """The longest a caller waits for the writer. The writer bounds each round trip itself;
+    this only guards against a writer gone wrong."""
+    return 4 * float(settings.DATABASE_ROUND_TRIP_SECONDS) + 10
 
 
 @dataclass
@@ -73,8 +79,7 @@ class ChargeGroups:
             self._ensure_thread()
             self._waiting.append(item)
             self._ready.notify()
-        # The writer bounds each round trip; this bound only guards against a writer gone wrong.
-        if not item.done.wait(4 * settings.DATABASE_ROUND_TRIP_SECONDS + 10):
+        if not item.done.wait(_writer_bound()):
             raise OperationalError("The database did not answer in time.")
         if isinstance(item.error, _DATABASE_FAULTS):
             raise OperationalError(str(item.error)) from item.error
@@ -97,7 +102,7 @@ class ChargeGroups:
                 return
             self._closing = True
             self._ready.notify()
-        thread.join(timeout=4 * settings.DATABASE_ROUND_TRIP_SECONDS + 10)
+        thread.join(timeout=_writer_bound())
 
     def _run(self) -> None:
         while True:

@@ -209,10 +209,7 @@ def _charge_and_log_in_one_statement(params: dict[str, Any]) -> int | None:
     inside a transaction of the caller's, which the charge must then be part of."""
     if settings.CHARGE_GROUP_COMMIT and not connection.in_atomic_block:
         return _groups.charge(params)
-    with connection.cursor() as cursor:
-        cursor.execute(_CHARGE_AND_LOG_SQL, params)
-        row = cursor.fetchone()
-    return None if row is None else int(row[0])
+    return _tokens_after(_CHARGE_AND_LOG_SQL, params)
 
 
 def close_charge_groups() -> None:
@@ -222,8 +219,14 @@ def close_charge_groups() -> None:
 
 def _charge(params: dict[str, Any]) -> int | None:
     """The tenant's tokens after the charge, None when it did not happen."""
+    return _tokens_after(_CHARGE_SQL, params)
+
+
+def _tokens_after(sql: str, params: dict[str, Any]) -> int | None:
+    """What a charge statement returns: the tenant's tokens after it, None when it charged
+    nothing."""
     with connection.cursor() as cursor:
-        cursor.execute(_CHARGE_SQL, params)
+        cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else int(row[0])
 
