@@ -32,6 +32,7 @@ from django.core.cache import caches
 from django_ratelimit.core import get_usage
 from rest_framework.request import Request
 
+from accounts.ratelimit_cache import add_to_counter
 from accounts.selectors import Limits
 from embedplatform import metrics
 from embedplatform.errors import RateLimitExceeded, ServiceUnavailable
@@ -108,14 +109,9 @@ def _add_tokens(key: str, tokens: int) -> int:
     try:
         redis = _redis_of(cache)
         if redis is not None:
-            # One round trip, no script: create the window's counter with its expiry if it is
-            # not there yet, then add (INCRBY keeps the expiry). django-redis stores integers
-            # as plain numbers, so cache.get and cache.decr read and change the same counter.
-            full_key = cache.make_key(key)
-            pipe = redis.pipeline(transaction=False)
-            pipe.set(full_key, 0, ex=WINDOW_SECONDS + EXPIRATION_FUDGE, nx=True)
-            pipe.incrby(full_key, tokens)
-            return int(pipe.execute()[1])
+            return add_to_counter(
+                redis, cache.make_key(key), tokens, timeout=WINDOW_SECONDS + EXPIRATION_FUDGE
+            )
         try:
             # One round trip in the common case: the window's counter exists already.
             return int(cache.incr(key, tokens))

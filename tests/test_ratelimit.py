@@ -135,6 +135,88 @@ def test_it_adds_tokens_to_the_window_in_one_round_trip_with_no_script() -> None
     )
 
 
+def count_requests(tenant_id: int, times: int = 1) -> list[int]:
+    """Counts requests of `tenant_id` against a wide requests-per-minute window; the counts."""
+    from django.test import RequestFactory
+
+    from accounts import ratelimit
+    from accounts.selectors import Limits
+
+    limits = Limits(
+        requests_per_minute=10_000,
+        tokens_per_minute=10_000,
+        monthly_token_quota=10_000,
+        max_texts_per_request=8,
+        max_openai_inputs_per_request=8,
+    )
+    request = RequestFactory().post("/embed")
+    counts = []
+    for _ in range(times):
+        state = ratelimit.count_request(request=request, tenant_id=tenant_id, limits=limits)
+        assert state is not None
+        counts.append(limits.requests_per_minute - state.remaining_requests)
+    return counts
+
+
+@pytest.fixture
+def redis_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the Redis round trips from here on (a pipeline is one)."""
+    from embedplatform.fault_state import FailFastRedisConnection
+
+    sent = [0]
+    send = FailFastRedisConnection.send_packed_command
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sent[0] += 1
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(FailFastRedisConnection, "send_packed_command", counting)
+    return sent
+
+
+def test_it_counts_a_request_in_one_redis_round_trip(redis_round_trips: list[int]) -> None:
+    tenant_id = time.time_ns()  # a window no other test has seen
+    for expected in (1, 2, 3):
+        before = redis_round_trips[0]
+        assert count_requests(tenant_id) == [expected]
+        assert redis_round_trips[0] - before == 1
+
+
+def test_it_counts_from_one_again_when_a_windows_counter_is_lost() -> None:
+    from django.core.cache import caches
+
+    from accounts import ratelimit
+
+    redis = caches["ratelimit"].redis()  # type: ignore[attr-defined]
+    prefix = caches["ratelimit"].make_key("")
+    before = set(redis.keys(f"{prefix}*"))
+    tenant_id = time.time_ns()
+    assert count_requests(tenant_id, times=2) == [1, 2]
+    (window_key,) = set(redis.keys(f"{prefix}*")) - before
+    redis.delete(window_key)  # as a Redis restart or an eviction would
+
+    assert count_requests(tenant_id, times=2) == [1, 2]
+    assert 0 < redis.ttl(window_key) <= ratelimit.WINDOW_SECONDS + ratelimit.EXPIRATION_FUDGE
+
+
+def test_it_counts_concurrent_requests_exactly_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connections
+
+    tenant_id = time.time_ns()
+
+    def client(_: int) -> list[int]:
+        try:
+            return count_requests(tenant_id, times=25)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(8) as pool:
+        counts = [count for counts in pool.map(client, range(8)) for count in counts]
+    assert sorted(counts) == list(range(1, 201))
+
+
 def test_it_counts_each_tenant_on_its_own(
     alice: Person, bob: Person, charlie: Person, fake_encoder: FakeEncoder
 ) -> None:
@@ -184,17 +266,19 @@ def dead_redis(request: pytest.FixtureRequest, settings: Any) -> Iterator[str]:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
         port = listener.getsockname()[1]
+    dead = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": f"redis://127.0.0.1:{port}/0",
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.DefaultClient",
+            "SOCKET_CONNECT_TIMEOUT": settings.REDIS_SOCKET_TIMEOUT,
+            "SOCKET_TIMEOUT": settings.REDIS_SOCKET_TIMEOUT,
+            "CONNECTION_POOL_KWARGS": {"retry_on_timeout": False},
+        },
+    }
     settings.CACHES = {
-        "default": {
-            "BACKEND": "django_redis.cache.RedisCache",
-            "LOCATION": f"redis://127.0.0.1:{port}/0",
-            "OPTIONS": {
-                "CLIENT_CLASS": "django_redis.client.DefaultClient",
-                "SOCKET_CONNECT_TIMEOUT": settings.REDIS_SOCKET_TIMEOUT,
-                "SOCKET_TIMEOUT": settings.REDIS_SOCKET_TIMEOUT,
-                "CONNECTION_POOL_KWARGS": {"retry_on_timeout": False},
-            },
-        }
+        "default": dead,
+        "ratelimit": {**dead, "BACKEND": "accounts.ratelimit_cache.RateLimitCache"},
     }
     yield request.param
     if listener is not None:

@@ -1,0 +1,93 @@
+"""The rate limits' cache (RATELIMIT_USE_CACHE): a request counted in one Redis round trip.
+
+django-ratelimit counts a request with `add(key, 1, timeout)` and, when the window's counter is
+there already (for every request but the window's first), `incr(key)`: two round trips, and
+the second one a Lua script in django-redis. Each window has a key of its own (its end second is
+part of the key), so once this process has seen a window's counter, `add` answers "it exists"
+without asking Redis until the counter's timeout has passed. `incr` then adds in one pipeline,
+with no script, that also creates the counter with that timeout should it be gone after all
+(Redis restarted, or evicted it): a lost counter counts again from 1, as a new window does.
+
+The tokens-per-minute window adds its tokens with the same pipeline (`add_to_counter`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django_prometheus.cache.backends.redis import RedisCache
+
+# Counters seen to exist, process-wide (Django builds a cache backend per thread): full key ->
+# (monotonic deadline, the timeout the counter was made with, in seconds).
+_seen: dict[str, tuple[float, int]] = {}
+_seen_lock = threading.Lock()
+# Past this many remembered counters, the expired ones are forgotten (one per tenant and window).
+_SEEN_PRUNE_AT = 10_000
+
+
+def add_to_counter(redis: Any, full_key: str, amount: int, *, timeout: int) -> int:
+    """Adds `amount` to a counter, creating it with `timeout` seconds to live if it is not there
+    (INCRBY keeps the expiry); the count after. One round trip, no script. django-redis stores
+    integers as plain numbers, so the cache's get, incr and decr read and change the same value."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.set(full_key, 0, ex=timeout, nx=True)
+    pipe.incrby(full_key, amount)
+    return int(pipe.execute()[1])
+
+
+def _remember(full_key: str, timeout: int) -> None:
+    now = time.monotonic()
+    with _seen_lock:
+        if len(_seen) >= _SEEN_PRUNE_AT:
+            for stale in [key for key, (deadline, _) in _seen.items() if deadline <= now]:
+                del _seen[stale]
+        _seen[full_key] = (now + timeout, timeout)
+
+
+class RateLimitCache(RedisCache):
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: int | None = None,
+        client: Any = None,
+    ) -> bool:
+        full_key = str(self.make_key(key, version=version))
+        seen = _seen.get(full_key)
+        if seen is not None and seen[0] > time.monotonic():
+            return False
+        added = bool(super().add(key, value, timeout=timeout, version=version, client=client))
+        if isinstance(timeout, int | float) and timeout > 0:
+            _remember(full_key, math.ceil(timeout))
+        return added
+
+    def incr(
+        self,
+        key: Any,
+        delta: int = 1,
+        version: int | None = None,
+        client: Any = None,
+        ignore_key_check: bool = False,
+    ) -> int:
+        full_key = str(self.make_key(key, version=version))
+        seen = _seen.get(full_key)
+        if seen is None:  # not a counter `add` made or saw: django-redis's own incr
+            return int(
+                super().incr(
+                    key,
+                    delta=delta,
+                    version=version,
+                    client=client,
+                    ignore_key_check=ignore_key_check,
+                )
+            )
+        return add_to_counter(self.redis(), full_key, delta, timeout=seen[1])
+
+    def redis(self) -> Any:
+        """The redis-py client behind this cache."""
+        return self.client.get_client(write=True)
