@@ -29,14 +29,44 @@ _seen_lock = threading.Lock()
 _SEEN_PRUNE_AT = 10_000
 
 
+class _KeptConnection(threading.local):
+    pool: Any = None
+    connection: Any = None
+
+
+_kept = _KeptConnection()
+
+
+def _connection_of(redis: Any) -> Any:
+    """This thread's own connection to `redis` for the counters, made with its pool's settings
+    and kept (it closes with the thread). A checkout from the pool probes the connection for
+    unread replies every time (a few system calls, about a third of a counter's cost); this one
+    never has any, because every reply is read or the connection is closed (it reconnects on
+    its next command)."""
+    pool = redis.connection_pool
+    if _kept.pool is not pool:
+        _kept.pool, _kept.connection = pool, pool.connection_class(**pool.connection_kwargs)
+    return _kept.connection
+
+
 def add_to_counter(redis: Any, full_key: str, amount: int, *, timeout: int) -> int:
     """Adds `amount` to a counter, creating it with `timeout` seconds to live if it is not there
     (INCRBY keeps the expiry); the count after. One round trip, no script. django-redis stores
-    integers as plain numbers, so the cache's get, incr and decr read and change the same value."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.set(full_key, 0, ex=timeout, nx=True)
-    pipe.incrby(full_key, amount)
-    return int(pipe.execute()[1])
+    integers as plain numbers, so the cache's get, incr and decr read and change the same value.
+    Both commands go out in one write on a kept connection, rather than through
+    `redis.pipeline()`, whose own cost is about a third of the call."""
+    connection = _connection_of(redis)
+    try:
+        connection.send_packed_command(
+            connection.pack_commands(
+                [("SET", full_key, 0, "EX", timeout, "NX"), ("INCRBY", full_key, amount)]
+            )
+        )
+        connection.read_response()
+        return int(connection.read_response())
+    except BaseException:
+        connection.disconnect()  # a reply may still be on its way: never read it as the next one
+        raise
 
 
 def _remember(full_key: str, timeout: int) -> None:

@@ -199,6 +199,38 @@ def test_it_counts_from_one_again_when_a_windows_counter_is_lost() -> None:
     assert 0 < redis.ttl(window_key) <= ratelimit.WINDOW_SECONDS + ratelimit.EXPIRATION_FUDGE
 
 
+def test_it_counts_on_after_redis_hung_in_the_middle_of_a_count() -> None:
+    from urllib.parse import urlsplit
+
+    import redis
+    from django.conf import settings
+
+    from accounts.ratelimit_cache import add_to_counter
+    from tests.tcp_proxy import TcpProxy
+
+    upstream = urlsplit(settings.REDIS_URL)
+    proxy = TcpProxy((upstream.hostname or "127.0.0.1", upstream.port or 6379))
+    try:
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=proxy.port,
+            db=int(upstream.path.strip("/") or 0),
+            socket_timeout=0.25,
+        )
+        key = f"spec:counter:{time.time_ns()}"
+        assert [add_to_counter(client, key, 1, timeout=60) for _ in range(2)] == [1, 2]
+        proxy.set("hang")
+        with pytest.raises(redis.exceptions.TimeoutError):
+            add_to_counter(client, key, 1, timeout=60)
+        proxy.set("forward")
+        # A new connection: no late reply of the hung count is ever read as this count's.
+        assert add_to_counter(client, key, 5, timeout=60) == 7
+        assert 0 < client.ttl(key) <= 60
+        client.delete(key)
+    finally:
+        proxy.close()
+
+
 def test_it_counts_concurrent_requests_exactly_once() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
