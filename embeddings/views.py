@@ -12,7 +12,7 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from rest_framework import exceptions, serializers
 from rest_framework.permissions import IsAuthenticated
-from rest_framework.renderers import BrowsableAPIRenderer
+from rest_framework.renderers import BaseRenderer, BrowsableAPIRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 # Every embed response says how many of its inputs were cut to the model's limit (0: none).
 TRUNCATED_INPUTS_HEADER = "x-truncated-inputs"
+# Accept headers that DRF's negotiation answers with the first renderer, JSON.
+PLAIN_ACCEPTS = frozenset({"", "*/*", "application/json"})
+JSON_RENDERER = VectorJSONRenderer()  # stateless: one serves every request
 
 
 def usage_of(result: EmbeddingResult) -> dict[str, int]:
@@ -58,6 +61,16 @@ class MeteredEmbedView(BrowsableForm, MeteredAPIView):
     def served_model(self) -> str:
         runtime = get_runtime()
         return runtime.encoder.name if runtime is not None else ""
+
+    def perform_content_negotiation(
+        self, request: Request, force: bool = False
+    ) -> tuple[BaseRenderer, str]:
+        # What API clients send (no Accept, */*, or JSON) gets JSON at once: DRF's negotiation
+        # would build every renderer and parse the header on each call to choose the same one.
+        meta = request._request.META
+        if meta.get("HTTP_ACCEPT", "") in PLAIN_ACCEPTS and not meta.get("QUERY_STRING"):
+            return JSON_RENDERER, JSON_RENDERER.media_type
+        return super().perform_content_negotiation(request, force)
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         runtime = get_runtime()

@@ -222,6 +222,33 @@ def test_it_keeps_answering_api_clients_in_json(alice: Any, fake_encoder: Any) -
     assert anonymous.json()["error"]["code"] == "missing_credentials"
 
 
+@pytest.mark.parametrize("accept", [None, "*/*", "application/json", "application/json; q=1.0"])
+def test_it_answers_a_post_in_json_to_clients_that_accept_anything_or_json(
+    alice: Any, fake_encoder: Any, accept: str | None
+) -> None:
+    headers = {**alice.headers, **({"Accept": accept} if accept else {})}
+    served = Client().post(
+        "/embed", {"text": "hello"}, content_type="application/json", headers=headers
+    )
+    assert served.status_code == 200
+    assert served["Content-Type"] == "application/json"
+    assert len(served.json()["embedding"]) == 16
+
+
+def test_it_still_renders_a_post_as_the_browsable_page_when_asked(
+    alice: Any, fake_encoder: Any
+) -> None:
+    for path, accept in (("/embed", BROWSER_ACCEPT), ("/embed?format=api", "*/*")):
+        page = Client().post(
+            path,
+            {"text": "hello"},
+            content_type="application/json",
+            headers={**alice.headers, "Accept": accept},
+        )
+        assert page.status_code == 200
+        assert page["Content-Type"].startswith("text/html")
+
+
 def test_it_serves_the_browsable_pages_static_files_with_debug_off(
     browser: Client, fake_encoder: Any, settings: Any
 ) -> None:
