@@ -155,8 +155,9 @@ class SentenceTransformerEncoder:
     traced: TracedBackbone | None = field(default=None, repr=False)
     _prompt_lengths: dict[str, int] = field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def dimensions(self) -> int:
+        # Asked by every request; sentence-transformers walks the modules to answer.
         getter = (
             getattr(self.model, "get_embedding_dimension", None)
             or self.model.get_sentence_embedding_dimension

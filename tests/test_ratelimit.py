@@ -138,6 +138,7 @@ def test_it_adds_tokens_to_the_window_in_one_round_trip_with_no_script() -> None
 def count_requests(tenant_id: int, times: int = 1) -> list[int]:
     """Counts requests of `tenant_id` against a wide requests-per-minute window; the counts."""
     from django.test import RequestFactory
+    from rest_framework.request import Request
 
     from accounts import ratelimit
     from accounts.selectors import Limits
@@ -149,7 +150,7 @@ def count_requests(tenant_id: int, times: int = 1) -> list[int]:
         max_texts_per_request=8,
         max_openai_inputs_per_request=8,
     )
-    request = RequestFactory().post("/embed")
+    request = Request(RequestFactory().post("/embed"))
     counts = []
     for _ in range(times):
         state = ratelimit.count_request(request=request, tenant_id=tenant_id, limits=limits)
