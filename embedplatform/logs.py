@@ -104,7 +104,10 @@ def access_fields(resp: Any, environ: dict[str, Any], request_time: timedelta) -
     """An access line's fields. No request header is logged (Authorization least of all), and
     the path without its query string, which may carry something secret. The request id is the
     one the response carries: gunicorn logs the access line after Django has returned."""
-    response_headers = {str(name).lower(): str(value) for name, value in (resp.headers or [])}
+    request_id = next(
+        (str(value) for name, value in resp.headers or () if str(name).lower() == "x-request-id"),
+        "",
+    )
     return {
         "remote": environ.get("REMOTE_ADDR", ""),
         "method": environ.get("REQUEST_METHOD", ""),
@@ -112,7 +115,7 @@ def access_fields(resp: Any, environ: dict[str, Any], request_time: timedelta) -
         "status": _status_code(resp.status),
         "bytes": getattr(resp, "sent", None),
         "duration_ms": round(request_time.total_seconds() * 1000, 2),
-        "request_id": response_headers.get("x-request-id", ""),
+        "request_id": request_id,
         "user_agent": environ.get("HTTP_USER_AGENT", ""),
         "pid": os.getpid(),
     }
