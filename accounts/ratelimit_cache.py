@@ -4,11 +4,12 @@ django-ratelimit counts a request with `add(key, 1, timeout)` and, when the wind
 there already (for every request but the window's first), `incr(key)`: two round trips, and
 the second one a Lua script in django-redis. Each window has a key of its own (its end second is
 part of the key), so once this process has seen a window's counter, `add` answers "it exists"
-without asking Redis until the counter's timeout has passed. `incr` then adds in one pipeline,
-with no script, that also creates the counter with that timeout should it be gone after all
-(Redis restarted, or evicted it): a lost counter counts again from 1, as a new window does.
+without asking Redis until the counter's timeout has passed. `incr` then adds in one write,
+with no script (SET NX EX + INCRBY), which also creates the counter with that timeout should it
+be gone after all (Redis restarted, or evicted it): a lost counter counts again from 1, as a new
+window does.
 
-The tokens-per-minute window adds its tokens with the same pipeline (`add_to_counter`).
+The tokens-per-minute window adds its tokens the same way (`add_to_counter`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django_prometheus.cache.backends.redis import RedisCache
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # Counters seen to exist, process-wide (Django builds a cache backend per thread): full key ->
 # (monotonic deadline, the timeout the counter was made with, in seconds).
@@ -29,9 +32,15 @@ _seen_lock = threading.Lock()
 _SEEN_PRUNE_AT = 10_000
 
 
+# A kept connection idle for longer than this is checked before use, as the pool checks each
+# connection it hands out: the server may have closed it meanwhile (Redis' `timeout`, a proxy).
+IDLE_CHECK_SECONDS = 1.0
+
+
 class _KeptConnection(threading.local):
     pool: Any = None
     connection: Any = None
+    last_used = 0.0
 
 
 _kept = _KeptConnection()
@@ -42,11 +51,20 @@ def _connection_of(redis: Any) -> Any:
     and kept (it closes with the thread). A checkout from the pool probes the connection for
     unread replies every time (a few system calls, about a third of a counter's cost); this one
     never has any, because every reply is read or the connection is closed (it reconnects on
-    its next command)."""
+    its next command). Only after a pause is it probed, for a close by the server."""
     pool = redis.connection_pool
     if _kept.pool is not pool:
         _kept.pool, _kept.connection = pool, pool.connection_class(**pool.connection_kwargs)
-    return _kept.connection
+    connection = _kept.connection
+    now = time.monotonic()
+    if now - _kept.last_used > IDLE_CHECK_SECONDS and connection.is_connected:
+        try:
+            if connection.can_read():  # nothing is due: this is an end of file, or stray data
+                connection.disconnect()
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            connection.disconnect()
+    _kept.last_used = now
+    return connection
 
 
 def add_to_counter(redis: Any, full_key: str, amount: int, *, timeout: int) -> int:

@@ -232,6 +232,24 @@ def test_it_counts_on_after_redis_hung_in_the_middle_of_a_count() -> None:
         proxy.close()
 
 
+def test_it_counts_on_when_redis_closed_the_kept_connection_while_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django.core.cache import caches
+
+    from accounts import ratelimit_cache
+
+    monkeypatch.setattr(ratelimit_cache, "IDLE_CHECK_SECONDS", 0.0)
+    redis = caches["ratelimit"].redis()  # type: ignore[attr-defined]
+    key = caches["ratelimit"].make_key(f"spec:idle:{time.time_ns()}")
+    assert ratelimit_cache.add_to_counter(redis, key, 1, timeout=60) == 1
+    host, port = ratelimit_cache._kept.connection._sock.getsockname()[:2]
+    assert redis.client_kill(f"{host}:{port}")  # as Redis' idle `timeout` or a proxy would
+
+    assert ratelimit_cache.add_to_counter(redis, key, 1, timeout=60) == 2
+    redis.delete(key)
+
+
 def test_it_counts_concurrent_requests_exactly_once() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
