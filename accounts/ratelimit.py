@@ -25,14 +25,13 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any
 
 from django.conf import settings
 from django.core.cache import caches
 from django_ratelimit.core import get_usage
 from rest_framework.request import Request
 
-from accounts.ratelimit_cache import add_to_counter
+from accounts.ratelimit_cache import add_to_counter, redis_of
 from accounts.selectors import Limits
 from embedplatform import metrics
 from embedplatform.errors import RateLimitExceeded, ServiceUnavailable
@@ -96,18 +95,11 @@ def _tokens_used(key: str) -> int:
         raise CacheUnavailable(str(exc)) from exc
 
 
-def _redis_of(cache: Any) -> Any | None:
-    """The redis-py client behind a django-redis cache; None for other caches."""
-    client = getattr(cache, "client", None)
-    get_client = getattr(client, "get_client", None)
-    return get_client(write=True) if callable(get_client) else None
-
-
 def _add_tokens(key: str, tokens: int) -> int:
     """Adds `tokens` to a window's counter; the count after."""
     cache = caches[settings.RATELIMIT_USE_CACHE]
     try:
-        redis = _redis_of(cache)
+        redis = redis_of(cache)
         if redis is not None:
             return add_to_counter(
                 redis, cache.make_key(key), tokens, timeout=WINDOW_SECONDS + EXPIRATION_FUDGE

@@ -67,6 +67,13 @@ def _connection_of(redis: Any) -> Any:
     return connection
 
 
+def redis_of(cache: Any) -> Any | None:
+    """The redis-py client behind a django-redis cache; None for other caches."""
+    client = getattr(cache, "client", None)
+    get_client = getattr(client, "get_client", None)
+    return get_client(write=True) if callable(get_client) else None
+
+
 def add_to_counter(redis: Any, full_key: str, amount: int, *, timeout: int) -> int:
     """Adds `amount` to a counter, creating it with `timeout` seconds to live if it is not there
     (INCRBY keeps the expiry); the count after. One round trip, no script. django-redis stores
@@ -134,8 +141,4 @@ class RateLimitCache(RedisCache):
                     ignore_key_check=ignore_key_check,
                 )
             )
-        return add_to_counter(self.redis(), full_key, delta, timeout=seen[1])
-
-    def redis(self) -> Any:
-        """The redis-py client behind this cache."""
-        return self.client.get_client(write=True)
+        return add_to_counter(redis_of(self), full_key, delta, timeout=seen[1])

@@ -185,10 +185,11 @@ def test_it_counts_a_request_in_one_redis_round_trip(redis_round_trips: list[int
 
 def test_it_counts_from_one_again_when_a_windows_counter_is_lost() -> None:
     from django.core.cache import caches
+    from django_redis import get_redis_connection
 
     from accounts import ratelimit
 
-    redis = caches["ratelimit"].redis()  # type: ignore[attr-defined]
+    redis = get_redis_connection("ratelimit")
     prefix = caches["ratelimit"].make_key("")
     before = set(redis.keys(f"{prefix}*"))
     tenant_id = time.time_ns()
@@ -236,11 +237,12 @@ def test_it_counts_on_when_redis_closed_the_kept_connection_while_idle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from django.core.cache import caches
+    from django_redis import get_redis_connection
 
     from accounts import ratelimit_cache
 
     monkeypatch.setattr(ratelimit_cache, "IDLE_CHECK_SECONDS", 0.0)
-    redis = caches["ratelimit"].redis()  # type: ignore[attr-defined]
+    redis = get_redis_connection("ratelimit")
     key = caches["ratelimit"].make_key(f"spec:idle:{time.time_ns()}")
     assert ratelimit_cache.add_to_counter(redis, key, 1, timeout=60) == 1
     host, port = ratelimit_cache._kept.connection._sock.getsockname()[:2]
