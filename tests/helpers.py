@@ -1,11 +1,14 @@
 """Helpers the test modules share: one embed request, one check of the documented error shape,
-and what a tenant was charged and logged this month."""
+what a tenant was charged and logged this month, and work released on many threads at once."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from django.db import connection, connections
 from django.db.models import Sum
 from django.test import Client
 
@@ -87,3 +90,32 @@ def charged(tenant: Tenant) -> int:
 def logged(tenant: Tenant) -> int:
     """The tokens of the tenant's usage log, all of it."""
     return UsageLog.objects.filter(tenant=tenant).aggregate(total=Sum("tokens"))["total"] or 0
+
+
+def at_once(work: Callable[[Any], Any], inputs: Iterable[Any]) -> list[Any]:
+    """`work(input)` for each input, on threads released together; their results, in the order
+    of the inputs (None where it raised).
+
+    Each thread opens its database connection, one after another, before the release: the tests
+    are about requests arriving together, and dozens of connects at the same instant on two
+    cores can outlast the 2 s connect timeout (a 503 by design) on a slow machine."""
+    jobs = list(inputs)
+    start = threading.Barrier(len(jobs))
+    one_connect_at_a_time = threading.Lock()
+    results: list[Any] = [None] * len(jobs)
+
+    def run(index: int) -> None:
+        try:
+            with one_connect_at_a_time:
+                connection.ensure_connection()
+            start.wait()
+            results[index] = work(jobs[index])
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results

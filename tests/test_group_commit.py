@@ -4,10 +4,6 @@ with its usage row, or refused with nothing charged."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 from django.db import connection, connections
 from django.test import override_settings
@@ -15,7 +11,7 @@ from django.test import override_settings
 from accounts.models import Tenant, UsageLog
 from embedplatform import metrics
 from tests.conftest import FakeEncoder, Person
-from tests.helpers import charged, embed, logged
+from tests.helpers import at_once, charged, embed, logged
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,26 +26,6 @@ def unlimited(tenant: Tenant, *, quota: int | None = None) -> None:
     Tenant.objects.filter(pk=tenant.pk).update(
         requests_per_minute=10**6, tokens_per_minute=10**9, monthly_token_quota=quota
     )
-
-
-def at_once(count: int, work: Callable[[], Any]) -> list[Any]:
-    """`work` in `count` threads released together; their results."""
-    start = threading.Barrier(count)
-    results: list[Any] = [None] * count
-
-    def run(index: int) -> None:
-        start.wait()
-        try:
-            results[index] = work()
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def groups() -> tuple[float, float]:
@@ -69,7 +45,7 @@ def test_it_commits_concurrent_charges_together_each_exactly_once(
     assert embed(alice).status_code == 200  # the month's quota row exists from here on
     charges_before, transactions_before = groups()
 
-    statuses = at_once(40, lambda: embed(alice).status_code)
+    statuses = at_once(lambda _: embed(alice).status_code, range(40))
 
     assert statuses == [200] * 40
     charges, transactions = groups()
@@ -85,7 +61,7 @@ def test_it_serves_no_more_than_the_quota_holds_when_charges_share_a_transaction
     unlimited(alice.tenant, quota=10 * 4 + 3)  # room for ten 4-token requests, not eleven
     assert embed(alice).status_code == 200
 
-    statuses = at_once(30, lambda: embed(alice).status_code)
+    statuses = at_once(lambda _: embed(alice).status_code, range(30))
 
     assert sorted(statuses) == [200] * 9 + [429] * 21
     assert charged(alice.tenant) == logged(alice.tenant) == 10 * 4

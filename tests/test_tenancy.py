@@ -5,13 +5,12 @@ session, CSRF enforced."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import connection, connections
+from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
@@ -19,7 +18,7 @@ from accounts import services
 from accounts.jwt import mint_token
 from accounts.models import Membership, Plan, SupabaseIdentity, Tenant, UsageLog
 from tests.conftest import FakeEncoder, Person
-from tests.helpers import assert_error, embed
+from tests.helpers import assert_error, at_once, embed
 
 User = get_user_model()
 
@@ -113,27 +112,14 @@ def test_it_creates_one_user_and_one_tenant_for_many_concurrent_first_requests()
         for n, subject in enumerate(subjects)
     ]
     jobs = [token for token in tokens for _ in range(12)]
-    start = threading.Barrier(len(jobs))
-    answers: list[tuple[str, int, int | None]] = []
-    lock = threading.Lock()
 
-    def first_request(token: str) -> None:
-        try:
-            start.wait()
-            response = Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}")
-            tenant = response.json().get("tenant", {}).get("id")
-            with lock:
-                answers.append((token, response.status_code, tenant))
-        finally:
-            connections.close_all()
+    def first_request(token: str) -> tuple[str, int, int | None]:
+        response = Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}")
+        return token, response.status_code, response.json().get("tenant", {}).get("id")
 
-    threads = [threading.Thread(target=first_request, args=(token,)) for token in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    answers: list[tuple[str, int, int | None]] = at_once(first_request, jobs)
 
-    assert len(answers) == len(jobs)
+    assert None not in answers
     assert {status for _, status, _ in answers} == {200}
     for n, subject in enumerate(subjects):
         identity = SupabaseIdentity.objects.get(subject=subject)
@@ -165,24 +151,12 @@ def test_it_makes_the_plan_named_default_the_default_again_when_no_plan_is(alice
 def test_it_agrees_on_one_default_plan_when_concurrent_first_requests_find_none() -> None:
     Plan.objects.create(name="default", is_default=False)
     tokens = [mint_token(subject=str(uuid.uuid4()), email="") for _ in range(8)]
-    start = threading.Barrier(len(tokens))
-    answers: list[tuple[int, str | None]] = []
-    lock = threading.Lock()
 
-    def first_request(token: str) -> None:
-        try:
-            start.wait()
-            response = Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}")
-            with lock:
-                answers.append((response.status_code, response.json().get("plan", {}).get("name")))
-        finally:
-            connections.close_all()
+    def first_request(token: str) -> tuple[int, str | None]:
+        response = Client().get("/usage", HTTP_AUTHORIZATION=f"Bearer {token}")
+        return response.status_code, response.json().get("plan", {}).get("name")
 
-    threads = [threading.Thread(target=first_request, args=(token,)) for token in tokens]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    answers = at_once(first_request, tokens)
 
     assert answers == [(200, "default")] * len(tokens)
     default = Plan.objects.get(is_default=True)
