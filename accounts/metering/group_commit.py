@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -49,12 +48,25 @@ def _writer_bound() -> float:
     return 4 * float(settings.DATABASE_ROUND_TRIP_SECONDS) + 10
 
 
-@dataclass
 class _Charge:
-    params: dict[str, Any]
-    done: threading.Event = field(default_factory=threading.Event)
-    spent_after: int | None = None
-    error: BaseException | None = None
+    """One request's charge, and its answer once the writer has committed its group."""
+
+    __slots__ = ("_done", "error", "params", "spent_after")
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.spent_after: int | None = None
+        self.error: BaseException | None = None
+        # Held from birth and released once by the writer: a one-shot signal for a single
+        # waiter. An Event would build a Condition (three locks, a deque) per charge.
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.acquire(timeout=timeout)
+
+    def set(self) -> None:
+        self._done.release()
 
 
 class ChargeGroups:
@@ -79,7 +91,7 @@ class ChargeGroups:
             self._ensure_thread()
             self._waiting.append(item)
             self._ready.notify()
-        if not item.done.wait(_writer_bound()):
+        if not item.wait(_writer_bound()):
             raise OperationalError("The database did not answer in time.")
         if isinstance(item.error, _DATABASE_FAULTS):
             raise OperationalError(str(item.error)) from item.error
@@ -127,7 +139,7 @@ class ChargeGroups:
                     item.spent_after = spent_after
             finally:
                 for item in group:
-                    item.done.set()
+                    item.set()
         with contextlib.suppress(Exception):  # closing: a connection already broken is gone
             connection.close()
 
