@@ -1,4 +1,5 @@
-"""Middleware of our own: request ids, probes by IP, and chunked request bodies."""
+"""Middleware of our own: request ids, probes by IP, chunked request bodies, and message storage
+built on first use."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import uuid
 from collections.abc import Callable
 
 from django.conf import settings
+from django.contrib.messages.middleware import MessageMiddleware
+from django.contrib.messages.storage import default_storage
+from django.contrib.messages.storage.base import BaseStorage
 from django.http import HttpRequest, HttpResponse
+from django.utils.functional import SimpleLazyObject
 
 from embedplatform.errors import api_error_response, request_too_large
 from embedplatform.faults import MalformedBody, malformed_body
@@ -79,3 +84,24 @@ class ChunkedBodyMiddleware:
             meta["CONTENT_LENGTH"] = str(len(body))
             request._stream = io.BytesIO(body)
         return self.get_response(request)
+
+
+class LazyMessageMiddleware(MessageMiddleware):
+    """Django's message middleware, except that a request's message storage is built when
+    something uses it (the admin, the browsable API's forms) and saved only then. API requests
+    never do, and building it costs a cookie signer and two storages on every request."""
+
+    def process_request(self, request: HttpRequest) -> None:
+        # [attr-defined]: Django's own request attribute for the storage, and a flag of ours.
+        request.message_storage_built = False  # type: ignore[attr-defined]
+
+        def storage() -> BaseStorage:
+            request.message_storage_built = True  # type: ignore[attr-defined]
+            return default_storage(request)
+
+        request._messages = SimpleLazyObject(storage)  # type: ignore[attr-defined]
+
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        if not getattr(request, "message_storage_built", True):
+            return response
+        return super().process_response(request, response)

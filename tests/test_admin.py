@@ -19,6 +19,7 @@ from accounts.admin.usage import UsageLogAdmin, UsageLogPaginator
 from accounts.models import ApiKey, Membership, Plan, QuotaPeriod, UsageLog
 from accounts.selectors import current_period_start
 from tests.conftest import usage_row
+from tests.helpers import embed
 
 pytestmark = pytest.mark.django_db
 
@@ -245,6 +246,21 @@ def test_it_revokes_api_keys_with_an_admin_action(
     assert served.status_code == 200
     listed = operator_client.get("/admin/accounts/apikey/", {"state": "revoked"})
     assert changelist_ids(listed) == [revoked.pk]
+
+
+def test_it_builds_message_storage_only_for_requests_that_use_it(
+    operator_client: Client, alice: Any, fake_encoder: Any
+) -> None:
+    served = embed(alice)
+    assert served.status_code == 200
+    api_request: Any = served.wsgi_request  # with the flag LazyMessageMiddleware sets
+    assert api_request.message_storage_built is False
+    assert "messages" not in served.cookies
+
+    page = operator_client.get("/admin/accounts/apikey/")
+    # The admin's pages list messages, so they build it.
+    admin_request: Any = page.wsgi_request
+    assert admin_request.message_storage_built is True
 
 
 def test_it_never_moves_a_key_to_another_tenant_or_unrevokes_it(
