@@ -135,6 +135,18 @@ def test_it_adds_tokens_to_the_window_in_one_round_trip_with_no_script() -> None
     )
 
 
+def test_it_writes_the_counter_commands_byte_for_byte_as_redis_py_would() -> None:
+    from redis.connection import Connection
+
+    from accounts.ratelimit_cache import _counter_commands
+
+    for key, amount, timeout in [("rl:tenant:7:1700000000", 1, 65), ("rl:é:x", 123_456, 3600)]:
+        expected = Connection().pack_commands(
+            [("SET", key, 0, "EX", timeout, "NX"), ("INCRBY", key, amount)]
+        )
+        assert _counter_commands(key.encode(), amount, timeout) == b"".join(expected)
+
+
 def count_requests(tenant_id: int, times: int = 1) -> list[int]:
     """Counts requests of `tenant_id` against a wide requests-per-minute window; the counts."""
     from django.test import RequestFactory
