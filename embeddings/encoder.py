@@ -268,8 +268,13 @@ class SentenceTransformerEncoder:
             verbose=False,
         )
 
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        # transformers converts every special token to its id on each ask.
+        return frozenset(self.model.tokenizer.all_special_ids)
+
     def _trailing_specials(self, rows: list[list[int]]) -> list[int]:
-        special = set(self.model.tokenizer.all_special_ids)
+        special = self._special_ids
         counts = []
         for row in rows:
             count = 0
