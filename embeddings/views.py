@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from rest_framework import exceptions, serializers
 from rest_framework.permissions import IsAuthenticated
@@ -80,7 +80,7 @@ class MeteredEmbedView(BrowsableForm, MeteredAPIView):
         with runtime.batcher.expecting():
             return super().dispatch(request, *args, **kwargs)
 
-    def post(self, request: Request) -> Response:
+    def post(self, request: Request) -> HttpResponseBase:
         if not isinstance(request.data, dict):
             raise exceptions.ParseError(
                 "The request body must be a JSON object.", code="invalid_body"
@@ -100,10 +100,16 @@ class MeteredEmbedView(BrowsableForm, MeteredAPIView):
             param=self.texts_param,
             max_texts=self.max_texts(),
         )
-        return Response(
-            self.render(result, data),
-            headers={TRUNCATED_INPUTS_HEADER: str(result.truncated_count)},
-        )
+        body = self.render(result, data)
+        headers = {TRUNCATED_INPUTS_HEADER: str(result.truncated_count)}
+        if getattr(request, "accepted_renderer", None) is JSON_RENDERER:
+            # What API clients get: the JSON written here, without DRF's template response
+            # (built, rendered and passed through the template-response hooks of every
+            # middleware) for a body that has only one rendering.
+            return HttpResponse(
+                JSON_RENDERER.render(body), content_type=JSON_RENDERER.media_type, headers=headers
+            )
+        return Response(body, headers=headers)
 
     def max_texts(self) -> int | None:
         """The most texts a request may carry here; None: the plan's texts per request."""
