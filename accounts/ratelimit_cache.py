@@ -83,8 +83,12 @@ def add_to_counter(redis: Any, full_key: str, amount: int, *, timeout: int) -> i
     connection = _connection_of(redis)
     try:
         connection.send_packed_command([_counter_commands(full_key.encode(), amount, timeout)])
-        connection.read_response()
-        return int(connection.read_response())
+        read_line_replies = getattr(connection, "read_line_replies", None)
+        if read_line_replies is None:  # not our connection class (e.g. rediss:// picks its own)
+            connection.read_response()
+            return int(connection.read_response())
+        _created, count = read_line_replies(2)
+        return int(count[1:])  # ":<count>"
     except BaseException:
         connection.disconnect()  # a reply may still be on its way: never read it as the next one
         raise

@@ -26,6 +26,7 @@ try:
     from redis.backoff import NoBackoff
     from redis.connection import Connection as _RedisConnection
     from redis.exceptions import ConnectionError as _RedisConnectionError
+    from redis.exceptions import ResponseError as _RedisResponseError
     from redis.exceptions import TimeoutError as _RedisTimeoutError
     from redis.retry import Retry
 except ImportError:  # pragma: no cover
@@ -60,3 +61,34 @@ class FailFastRedisConnection(_RedisConnection):
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         return self._guarded(super().read_response, *args, **kwargs)
+
+    def read_line_replies(self, count: int) -> list[bytes]:
+        """The next `count` replies, each known to be one line (a status, an integer, a null or
+        an error: what SET NX and INCRBY answer), without their type byte's meaning applied.
+        Read straight from the socket: redis-py's general reader costs several times the rest
+        of a rate-limit count, and the caller never leaves a reply unread on this connection
+        (accounts/ratelimit_cache.py), so no reader holds buffered data for it."""
+        return list(self._guarded(self._read_lines, count))
+
+    def _read_lines(self, count: int) -> list[bytes]:
+        sock = self._sock
+        if sock is None:
+            raise _RedisConnectionError("Not connected to Redis.")
+        data = b""
+        try:
+            while data.count(b"\r\n") < count:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise _RedisConnectionError("Connection closed by server.")
+                data += chunk
+        except TimeoutError as exc:  # the socket's timeout (REDIS_SOCKET_TIMEOUT)
+            raise _RedisTimeoutError("Timeout reading from Redis.") from exc
+        except OSError as exc:
+            raise _RedisConnectionError(f"Error while reading from Redis: {exc}") from exc
+        *lines, rest = data.split(b"\r\n")
+        if rest or len(lines) != count:
+            raise _RedisConnectionError("Redis sent more than the replies awaited.")
+        for line in lines:
+            if line.startswith(b"-"):
+                raise _RedisResponseError(line[1:].decode(errors="replace"))
+        return lines

@@ -147,6 +147,23 @@ def test_it_writes_the_counter_commands_byte_for_byte_as_redis_py_would() -> Non
         assert _counter_commands(key.encode(), amount, timeout) == b"".join(expected)
 
 
+def test_it_raises_redis_errors_on_a_counter_and_counts_on_a_fresh_connection_after() -> None:
+    from django_redis import get_redis_connection
+    from redis.exceptions import ResponseError
+
+    from accounts.ratelimit_cache import add_to_counter
+
+    redis = get_redis_connection("ratelimit")
+    key = f"spec:not-a-number:{time.time_ns()}"
+    redis.set(key, "abc", ex=60)
+    with pytest.raises(ResponseError, match="not an integer"):
+        add_to_counter(redis, key, 2, timeout=60)
+    redis.delete(key)
+    assert add_to_counter(redis, key, 2, timeout=60) == 2
+    assert add_to_counter(redis, key, 3, timeout=60) == 5
+    assert 0 < redis.ttl(key) <= 60
+
+
 def count_requests(tenant_id: int, times: int = 1) -> list[int]:
     """Counts requests of `tenant_id` against a wide requests-per-minute window; the counts."""
     from django.test import RequestFactory
