@@ -1,0 +1,77 @@
+"""The per-process caches' memory (embedplatform/ttl_cache.py): entries expire `ttl()` seconds
+after they were stored, and a full cache drops its least recently used entry."""
+
+from __future__ import annotations
+
+import threading
+
+from embedplatform.ttl_cache import TtlCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_it_forgets_an_entry_ttl_seconds_after_it_was_stored() -> None:
+    clock = Clock()
+    cache: TtlCache[str, int] = TtlCache(maxsize=8, ttl=lambda: 10.0, clock=clock)
+    cache.put("a", 1)
+    clock.now += 9.9
+    assert cache.get("a") == 1  # a read does not extend its life
+    clock.now += 0.1
+    assert cache.get("a") is None
+    assert len(cache) == 0
+
+
+def test_it_reads_the_ttl_when_each_entry_is_stored() -> None:
+    clock = Clock()
+    ttl = [10.0]
+    cache: TtlCache[str, int] = TtlCache(maxsize=8, ttl=lambda: ttl[0], clock=clock)
+    cache.put("long", 1)
+    ttl[0] = 1.0
+    cache.put("short", 2)
+    clock.now += 5
+    assert (cache.get("long"), cache.get("short")) == (1, None)
+
+
+def test_it_drops_the_least_recently_used_entry_when_full() -> None:
+    cache: TtlCache[str, int] = TtlCache(maxsize=3, ttl=lambda: 60.0, clock=Clock())
+    for number, key in enumerate("abc"):
+        cache.put(key, number)
+    assert cache.get("a") == 0  # now the most recently used
+    cache.put("b", 10)  # so is b, stored again
+    cache.put("d", 3)
+    assert [cache.get(key) for key in "abcd"] == [0, 10, None, 3]
+    assert len(cache) == 3
+
+
+def test_it_counts_only_live_entries_and_clears() -> None:
+    clock = Clock()
+    cache: TtlCache[int, int] = TtlCache(maxsize=100, ttl=lambda: 10.0, clock=clock)
+    for key in range(5):
+        cache.put(key, key)
+        clock.now += 3
+    assert len(cache) == 3  # stored at +0 and +3 are gone at +15
+    cache.clear()
+    assert len(cache) == 0
+    assert cache.get(4) is None
+
+
+def test_it_stays_within_its_bound_under_concurrent_writers() -> None:
+    cache: TtlCache[tuple[int, int], int] = TtlCache(maxsize=50, ttl=lambda: 60.0)
+
+    def write(thread: int) -> None:
+        for number in range(2000):
+            cache.put((thread, number), number)
+            cache.get((thread, number - 1))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(cache) == 50
