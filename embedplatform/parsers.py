@@ -23,6 +23,10 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every body: json.loads with a keyword argument builds a new one on each call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 class BoundedJSONParser(JSONParser):
     def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -39,7 +43,7 @@ class BoundedJSONParser(JSONParser):
                 "The request body is not valid UTF-8.", code="invalid_encoding"
             ) from exc
         try:
-            return json.loads(text, parse_constant=_reject_constant)
+            return _DECODER.decode(text)
         except ValueError as exc:
             raise ParseError(
                 f"The request body is not valid JSON: {exc}", code="invalid_json"
