@@ -7,7 +7,11 @@ totals are the service's, not one worker's.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 REQUESTS = Counter(
     "embed_requests_total",
@@ -68,3 +72,19 @@ MODEL_LOAD_SECONDS = Gauge(
     "Seconds the model load took (under gunicorn, the slowest worker's).",
     multiprocess_mode="max",
 )
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+_children_lock = threading.Lock()
+
+
+def child(metric: MetricWrapperBase, *label_values: str) -> Any:
+    """`metric.labels(*label_values)`, kept for the next request: prometheus_client builds and
+    checks the key under a lock on every call, and each request sets half a dozen series. Every
+    label set here is bounded (endpoints, statuses, error types), so is this dictionary."""
+    key = (id(metric), label_values)
+    found = _children.get(key)
+    if found is None:
+        with _children_lock:
+            found = _children.setdefault(key, metric.labels(*label_values))
+    return found
