@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from django.http.response import HttpResponseBase
 from rest_framework.request import Request
-from rest_framework.response import Response
 
 from accounts import ratelimit
 from accounts.metering import ledger
@@ -120,12 +120,14 @@ class Meter:
         )
         self.outcome = "refused"
 
-    def finish(self, response: Response) -> None:
-        """Puts the outcome on the response, whatever it was."""
+    def finish(self, response: HttpResponseBase) -> None:
+        """Puts the outcome on the response, whatever it was: DRF's Response, or the plain
+        HttpResponse the embed views answer API clients with."""
         status_code = response.status_code
         error_type = ""
         if status_code >= 400:
-            data = response.data if isinstance(response.data, dict) else {}
+            payload = getattr(response, "data", None)
+            data = payload if isinstance(payload, dict) else {}
             error = data.get("error")
             error_type = str(error.get("type", "error")) if isinstance(error, dict) else "error"
             self.refused(status_code=status_code, error_type=error_type)
