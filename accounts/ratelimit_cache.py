@@ -54,7 +54,11 @@ def _connection_of(redis: Any) -> Any:
     its next command). Only after a pause is it probed, for a close by the server."""
     pool = redis.connection_pool
     if _kept.pool is not pool:
-        _kept.pool, _kept.connection = pool, pool.connection_class(**pool.connection_kwargs)
+        # RESP2, whatever the pool speaks (redis-py 8 defaults to RESP3): no push frame, such as
+        # RESP3's maintenance notifications, can come between the replies, which are then one
+        # line each (FailFastRedisConnection.read_line_replies).
+        resp2 = {**pool.connection_kwargs, "protocol": 2, "maint_notifications_config": None}
+        _kept.pool, _kept.connection = pool, pool.connection_class(**resp2)
     connection = _kept.connection
     now = time.monotonic()
     if now - _kept.last_used > IDLE_CHECK_SECONDS and connection.is_connected:
@@ -84,14 +88,20 @@ def add_to_counter(redis: Any, full_key: str, amount: int, *, timeout: int) -> i
     try:
         connection.send_packed_command([_counter_commands(full_key.encode(), amount, timeout)])
         read_line_replies = getattr(connection, "read_line_replies", None)
-        if read_line_replies is None:  # not our connection class (e.g. rediss:// picks its own)
+        if read_line_replies is None:  # a connection class configured otherwise
             connection.read_response()
             return int(connection.read_response())
-        _created, count = read_line_replies(2)
-        return int(count[1:])  # ":<count>"
+        created, count = read_line_replies(2)
+        if created not in _SET_NX_REPLIES or not count.startswith(b":"):
+            raise RedisConnectionError("Redis answered a counter with something unexpected.")
+        return int(count[1:])
     except BaseException:
         connection.disconnect()  # a reply may still be on its way: never read it as the next one
         raise
+
+
+# SET ... NX answers OK (the counter was created) or a null (it was there), in RESP2.
+_SET_NX_REPLIES = frozenset({b"+OK", b"$-1"})
 
 
 def _bulk(value: bytes) -> bytes:

@@ -25,13 +25,14 @@ request_state = RequestState()
 try:
     from redis.backoff import NoBackoff
     from redis.connection import Connection as _RedisConnection
+    from redis.connection import SSLConnection as _RedisSSLConnection
     from redis.exceptions import ConnectionError as _RedisConnectionError
-    from redis.exceptions import ResponseError as _RedisResponseError
     from redis.exceptions import TimeoutError as _RedisTimeoutError
     from redis.retry import Retry
 except ImportError:  # pragma: no cover
     # [assignment,misc]: without redis a stand-in base, never instantiated (no Redis to reach).
     _RedisConnection = object  # type: ignore[assignment,misc]
+    _RedisSSLConnection = object  # type: ignore[assignment,misc]
 
 
 class FailFastRedisConnection(_RedisConnection):
@@ -90,5 +91,19 @@ class FailFastRedisConnection(_RedisConnection):
             raise _RedisConnectionError("Redis sent more than the replies awaited.")
         for line in lines:
             if line.startswith(b"-"):
-                raise _RedisResponseError(line[1:].decode(errors="replace"))
+                # As redis-py's reader maps them: LOADING, for one, is a connection error.
+                error: Exception = self._parser.parse_error(line[1:].decode(errors="replace"))
+                raise error
         return lines
+
+
+class FailFastSSLRedisConnection(FailFastRedisConnection, _RedisSSLConnection):
+    """The same over TLS, for rediss:// URLs: redis-py lets a configured connection class win
+    over the URL's scheme, so a plain one would speak unencrypted TCP to a TLS port."""
+
+
+def connection_class_for(url: str) -> type[FailFastRedisConnection]:
+    """The fail-fast connection class that speaks the URL's scheme (CACHES' connection_class)."""
+    if url.lower().startswith("rediss://"):
+        return FailFastSSLRedisConnection
+    return FailFastRedisConnection

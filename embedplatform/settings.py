@@ -18,7 +18,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from embedplatform.fault_state import FailFastRedisConnection
+from embedplatform.fault_state import connection_class_for
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ if REDIS_URL:
                 # No retries, and a request that saw Redis fail makes no more calls to it.
                 "CONNECTION_POOL_KWARGS": {
                     "retry_on_timeout": False,
-                    "connection_class": FailFastRedisConnection,
+                    "connection_class": connection_class_for(REDIS_URL),
                 },
             },
         }

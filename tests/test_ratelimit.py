@@ -164,6 +164,33 @@ def test_it_raises_redis_errors_on_a_counter_and_counts_on_a_fresh_connection_af
     assert 0 < redis.ttl(key) <= 60
 
 
+def test_it_counts_over_resp2_on_its_kept_connection_whatever_the_pool_speaks() -> None:
+    # RESP3 (redis-py's default here) may send push frames between replies; RESP2 never does.
+    from django_redis import get_redis_connection
+
+    from accounts.ratelimit_cache import _connection_of, add_to_counter
+
+    redis = get_redis_connection("ratelimit")
+    key = f"spec:resp2:{time.time_ns()}"
+    assert add_to_counter(redis, key, 4, timeout=60) == 4
+    kept = _connection_of(redis)
+    assert str(kept.protocol) == "2"
+    assert kept.read_line_replies.__self__ is kept  # the reader of our connection class
+    assert add_to_counter(redis, key, 1, timeout=60) == 5
+
+
+def test_it_speaks_tls_to_a_rediss_url_and_plain_tcp_to_a_redis_one() -> None:
+    from redis import ConnectionPool
+    from redis.connection import SSLConnection
+
+    from embedplatform.fault_state import FailFastRedisConnection, connection_class_for
+
+    for url, tls in [("rediss://cache.example:6380/0", True), ("redis://127.0.0.1:6379/0", False)]:
+        pool = ConnectionPool.from_url(url, connection_class=connection_class_for(url))
+        assert issubclass(pool.connection_class, FailFastRedisConnection)
+        assert issubclass(pool.connection_class, SSLConnection) is tls
+
+
 def count_requests(tenant_id: int, times: int = 1) -> list[int]:
     """Counts requests of `tenant_id` against a wide requests-per-minute window; the counts."""
     from django.test import RequestFactory
