@@ -49,6 +49,30 @@ def test_it_drops_the_least_recently_used_entry_when_full() -> None:
     assert len(cache) == 3
 
 
+def test_it_drops_expired_entries_before_live_ones_when_full() -> None:
+    clock = Clock()
+    ttl = [5.0]
+    cache: TtlCache[str, int] = TtlCache(maxsize=3, ttl=lambda: ttl[0], clock=clock)
+    cache.put("short-lived", 0)
+    ttl[0] = 60.0
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("short-lived") == 0  # the most recently used, but about to expire
+    clock.now += 10
+    cache.put("c", 3)
+    assert [cache.get(key) for key in ("a", "b", "c")] == [1, 2, 3]
+
+
+def test_it_stores_nothing_with_a_ttl_of_zero() -> None:
+    ttl = [60.0]
+    cache: TtlCache[str, int] = TtlCache(maxsize=3, ttl=lambda: ttl[0], clock=Clock())
+    cache.put("a", 1)
+    ttl[0] = 0.0  # as AUTH_CACHE_SECONDS=0 switches the credential cache off
+    cache.put("a", 2)
+    cache.put("b", 3)
+    assert (cache.get("a"), cache.get("b"), len(cache)) == (None, None, 0)
+
+
 def test_it_counts_only_live_entries_and_clears() -> None:
     clock = Clock()
     cache: TtlCache[int, int] = TtlCache(maxsize=100, ttl=lambda: 10.0, clock=clock)
