@@ -4,21 +4,29 @@ after they were stored, and a full cache drops its least recently used entry."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from embedplatform.ttl_cache import TtlCache
 
 
 class Clock:
-    def __init__(self) -> None:
+    """The cache's clock, and the ttl setting it reads at each store; tests move both."""
+
+    def __init__(self, ttl: float = 60.0) -> None:
         self.now = 1000.0
+        self.ttl = ttl
 
     def __call__(self) -> float:
         return self.now
 
 
+def cache_on(clock: Clock, *, maxsize: int = 8) -> TtlCache[Any, int]:
+    return TtlCache(maxsize=maxsize, ttl=lambda: clock.ttl, clock=clock)
+
+
 def test_it_forgets_an_entry_ttl_seconds_after_it_was_stored() -> None:
-    clock = Clock()
-    cache: TtlCache[str, int] = TtlCache(maxsize=8, ttl=lambda: 10.0, clock=clock)
+    clock = Clock(ttl=10.0)
+    cache = cache_on(clock)
     cache.put("a", 1)
     clock.now += 9.9
     assert cache.get("a") == 1  # a read does not extend its life
@@ -28,18 +36,17 @@ def test_it_forgets_an_entry_ttl_seconds_after_it_was_stored() -> None:
 
 
 def test_it_reads_the_ttl_when_each_entry_is_stored() -> None:
-    clock = Clock()
-    ttl = [10.0]
-    cache: TtlCache[str, int] = TtlCache(maxsize=8, ttl=lambda: ttl[0], clock=clock)
+    clock = Clock(ttl=10.0)
+    cache = cache_on(clock)
     cache.put("long", 1)
-    ttl[0] = 1.0
+    clock.ttl = 1.0
     cache.put("short", 2)
     clock.now += 5
     assert (cache.get("long"), cache.get("short")) == (1, None)
 
 
 def test_it_drops_the_least_recently_used_entry_when_full() -> None:
-    cache: TtlCache[str, int] = TtlCache(maxsize=3, ttl=lambda: 60.0, clock=Clock())
+    cache = cache_on(Clock(), maxsize=3)
     for number, key in enumerate("abc"):
         cache.put(key, number)
     assert cache.get("a") == 0  # now the most recently used
@@ -50,11 +57,10 @@ def test_it_drops_the_least_recently_used_entry_when_full() -> None:
 
 
 def test_it_drops_expired_entries_before_live_ones_when_full() -> None:
-    clock = Clock()
-    ttl = [5.0]
-    cache: TtlCache[str, int] = TtlCache(maxsize=3, ttl=lambda: ttl[0], clock=clock)
+    clock = Clock(ttl=5.0)
+    cache = cache_on(clock, maxsize=3)
     cache.put("short-lived", 0)
-    ttl[0] = 60.0
+    clock.ttl = 60.0
     cache.put("a", 1)
     cache.put("b", 2)
     assert cache.get("short-lived") == 0  # the most recently used, but about to expire
@@ -64,18 +70,18 @@ def test_it_drops_expired_entries_before_live_ones_when_full() -> None:
 
 
 def test_it_stores_nothing_with_a_ttl_of_zero() -> None:
-    ttl = [60.0]
-    cache: TtlCache[str, int] = TtlCache(maxsize=3, ttl=lambda: ttl[0], clock=Clock())
+    clock = Clock()
+    cache = cache_on(clock, maxsize=3)
     cache.put("a", 1)
-    ttl[0] = 0.0  # as AUTH_CACHE_SECONDS=0 switches the credential cache off
+    clock.ttl = 0.0  # as AUTH_CACHE_SECONDS=0 switches the credential cache off
     cache.put("a", 2)
     cache.put("b", 3)
     assert (cache.get("a"), cache.get("b"), len(cache)) == (None, None, 0)
 
 
 def test_it_counts_only_live_entries_and_clears() -> None:
-    clock = Clock()
-    cache: TtlCache[int, int] = TtlCache(maxsize=100, ttl=lambda: 10.0, clock=clock)
+    clock = Clock(ttl=10.0)
+    cache = cache_on(clock, maxsize=100)
     for key in range(5):
         cache.put(key, key)
         clock.now += 3
