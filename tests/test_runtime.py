@@ -82,6 +82,20 @@ def test_it_reads_the_same_token_ids_as_sentence_transformers(
         assert tokenized.truncated == [False, False, False, False, True]
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_it_pads_a_batch_as_sentence_transformers_does_on_either_side(
+    encoder: encoder_module.SentenceTransformerEncoder,
+    side: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(encoder.model.tokenizer, "padding_side", side)
+    texts = TEXTS[:4]  # under the limit: preprocess pads without truncating
+    features = encoder._features(encoder.tokenize(texts, prompt="").inputs, "")
+    theirs = encoder.model.preprocess(texts)
+    assert features["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert features["attention_mask"].tolist() == theirs["attention_mask"].tolist()
+
+
 def test_it_keeps_matryoshka_truncation_as_encode_does(
     encoder: encoder_module.SentenceTransformerEncoder,
 ) -> None:
