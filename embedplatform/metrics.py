@@ -74,17 +74,21 @@ MODEL_LOAD_SECONDS = Gauge(
 )
 
 
-_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+_children: dict[tuple[Any, ...], Any] = {}
 _children_lock = threading.Lock()
+# Past this many series, new ones are not kept (each call then labels afresh): a label fed by
+# the client (django-prometheus labels a latency by the raw HTTP method) must not grow it.
+MAX_KEPT_CHILDREN = 4096
 
 
-def child(metric: MetricWrapperBase, *label_values: str) -> Any:
-    """`metric.labels(*label_values)`, kept for the next request: prometheus_client builds and
-    checks the key under a lock on every call, and each request sets half a dozen series. Every
-    label set here is bounded (endpoints, statuses, error types), so is this dictionary."""
-    key = (id(metric), label_values)
+def child(metric: MetricWrapperBase, *label_values: str, **labels: str) -> Any:
+    """`metric.labels(...)`, kept for the next request: prometheus_client builds and checks the
+    key under a lock on every call, and each request sets a dozen series."""
+    key = (id(metric), label_values, *labels.items())
     found = _children.get(key)
     if found is None:
-        with _children_lock:
-            found = _children.setdefault(key, metric.labels(*label_values))
+        found = metric.labels(*label_values, **labels)
+        if len(_children) < MAX_KEPT_CHILDREN:
+            with _children_lock:
+                found = _children.setdefault(key, found)
     return found

@@ -103,7 +103,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Answers a locked-out admin login; axes wants it after the other middleware.
     "axes.middleware.AxesMiddleware",
-    "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "embedplatform.middleware.PrometheusAfterMiddleware",
 ]
 # Axes first: it refuses a locked-out username and address before any password is checked.
 AUTHENTICATION_BACKENDS = [

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from django.db.models import Sum
 from django.test import Client
+from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from accounts.models import UsageLog
+from embedplatform import metrics
 from tests.conftest import FakeEncoder, Person
 from tests.service import start_service
 
@@ -147,6 +149,23 @@ def test_it_counts_requests_tokens_inputs_and_errors_by_endpoint(
     assert delta(before, after, "embed_tokens_total") == logged == sum(charged.values())
     assert delta(before, after, "embed_inputs_total", endpoint="batch_embed") == 3
     assert delta(before, after, "embed_inputs_total") == 1 + 3 + 2
+
+
+def test_it_counts_each_request_in_django_prometheus_series_by_view_status_and_method(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    before = scrape_in_process()
+    for _ in range(3):
+        assert post(alice, "/embed", {"text": "counted"}).status_code == 200
+    assert post(alice, "/batch-embed", {"texts": []}).status_code == 422
+    after = scrape_in_process()
+
+    by_view = "django_http_responses_total_by_status_view_method_total"
+    assert delta(before, after, by_view, status="200", view="embed", method="POST") == 3
+    assert delta(before, after, by_view, status="422", view="batch-embed", method="POST") == 1
+    latency = "django_http_requests_latency_seconds_by_view_method_count"
+    assert delta(before, after, latency, view="embed", method="POST") == 3
+    assert delta(before, after, "django_http_requests_total_by_method_total", method="POST") == 4
 
 
 def test_it_observes_batches_and_queue_waits(alice: Person, fake_encoder: FakeEncoder) -> None:
@@ -318,3 +337,13 @@ def serving_pids(log: str) -> set[int]:
             if record["path"] in ("/embed", "/batch-embed", "/v1/embeddings"):
                 pids.add(record["pid"])
     return pids
+
+
+def test_it_keeps_labelled_series_for_reuse_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = Counter("kept_series", "A counter of this test.", ["method"], registry=None)
+    kept_before = len(metrics._children)
+    monkeypatch.setattr(metrics, "MAX_KEPT_CHILDREN", kept_before + 2)
+    methods = ["GET", "POST", "BREW", "WHEN"]  # a client may send any method
+    for method in methods * 2:
+        assert metrics.child(counter, method=method) is counter.labels(method=method)
+    assert len(metrics._children) == kept_before + 2
