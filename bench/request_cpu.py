@@ -170,6 +170,16 @@ def backend_cpu_seconds() -> dict[str, float]:
     return totals
 
 
+def batch_passes() -> tuple[float, float]:
+    """(forward passes, texts in them) so far, from the batch-size histogram."""
+    from embedplatform import metrics
+
+    samples = next(iter(metrics.BATCH_SIZE.collect())).samples
+    count = next(sample.value for sample in samples if sample.name.endswith("_count"))
+    total = next(sample.value for sample in samples if sample.name.endswith("_sum"))
+    return count, total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -252,6 +262,7 @@ def main() -> None:
         request(number)
     for clock in clocks.values():
         clock.seconds, clock.calls = 0.0, 0
+    passes_before = batch_passes()
     servers_before = backend_cpu_seconds()
     threads_before = thread_cpu_by_name()
     request_cpu = 0.0
@@ -276,6 +287,7 @@ def main() -> None:
     wall = time.perf_counter() - started_wall
     threads_after = thread_cpu_by_name()
     servers_after = backend_cpu_seconds()
+    passes_after = batch_passes()
 
     count = args.requests
 
@@ -310,7 +322,12 @@ def main() -> None:
         for name in threads_after
         if name != "MainThread"
     }
-    print("\nother threads of the worker, us per request")
+    passes = passes_after[0] - passes_before[0]
+    texts_per_pass = (passes_after[1] - passes_before[1]) / max(1, passes)
+    print(
+        f"\nother threads of the worker, us per request "
+        f"({passes:.0f} model passes of {texts_per_pass:.1f} texts)"
+    )
     for name, seconds in sorted(other_threads.items(), key=lambda item: -item[1]):
         if seconds > 0:
             print(f"  {us(seconds)}  {name}")
