@@ -5,15 +5,18 @@ gunicorn service."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from django.test import Client
 
+from accounts.metering import ledger
 from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
 from accounts.selectors import (
     PeriodUse,
@@ -328,3 +331,54 @@ def test_it_has_postgresql_keep_the_charge_prepared_after_a_few_requests(
         prepared = [row[0] for row in cursor.fetchall()]
     assert any("UPDATE accounts_quotaperiod" in statement for statement in prepared), prepared
     assert charged(alice.tenant) == logged(alice.tenant) > 0
+
+
+# --- SQLite's one writer ------------------------------------------------------------------------
+
+
+def database(vendor: str, *, in_transaction: bool = False) -> Any:
+    return SimpleNamespace(vendor=vendor, in_atomic_block=in_transaction)
+
+
+def test_it_lets_a_process_write_to_sqlite_one_transaction_at_a_time() -> None:
+    sqlite = database("sqlite")
+    first_in, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with ledger.writes_in_turn(sqlite):
+            first_in.set()
+            release.wait(5)
+
+    def second() -> None:
+        first_in.wait(5)
+        with ledger.writes_in_turn(sqlite):
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    assert first_in.wait(5)
+    assert not second_in.wait(0.3)  # its turn comes only when the first has committed
+    release.set()
+    assert second_in.wait(5)
+    for thread in threads:
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    "db",
+    [database("postgresql"), database("sqlite", in_transaction=True)],
+    ids=["postgresql", "sqlite inside an open transaction"],
+)
+def test_it_makes_no_write_wait_its_turn_on_postgresql_or_inside_a_transaction(db: Any) -> None:
+    entered = threading.Event()
+
+    def write() -> None:
+        with ledger.writes_in_turn(db):
+            entered.set()
+
+    with ledger.writes_in_turn(database("sqlite")):  # another write holds the turn
+        thread = threading.Thread(target=write)
+        thread.start()
+        assert entered.wait(5)
+    thread.join(5)

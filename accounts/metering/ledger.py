@@ -10,12 +10,16 @@ its quota: that lets a request go on to the charge, which decides, and never ser
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from accounts.metering.group_commit import ChargeGroups
@@ -171,6 +175,25 @@ def _note_spent(tenant_id: int, period_start: date, spent: int) -> None:
         _seen.put(tenant_id, (period_start, spent, seen[2]))
 
 
+# SQLite has one write lock per database file, and a writer that finds it taken sleeps in
+# SQLite's busy handler (1, 2, 5, 10, ... up to 100 ms at a time) instead of being woken when it
+# frees: with dozens of request threads per worker, those sleeps made the tail latency. A
+# worker's threads take turns on this lock instead, each woken as soon as the one before has
+# committed; only writes of other workers still meet the busy handler.
+_sqlite_writer = threading.Lock()
+
+
+@contextmanager
+def writes_in_turn(db: BaseDatabaseWrapper) -> Iterator[None]:
+    """One write transaction at a time per process on SQLite; no waiting elsewhere. Not inside
+    a transaction already open: it may hold the write lock that the thread in turn waits for."""
+    if db.vendor != "sqlite" or db.in_atomic_block:
+        yield
+        return
+    with _sqlite_writer:
+        yield
+
+
 def charge_and_log(*, record: UsageRecord) -> None:
     """Charges a served request's tokens to its tenant's monthly quota and writes its usage row,
     atomically: the quota total always equals the sum of the log. Raises QuotaExceeded (and
@@ -185,7 +208,7 @@ def charge_and_log(*, record: UsageRecord) -> None:
             _note_spent(tenant.pk, period_start, spent_after)
             return
     # Elsewhere (SQLite), on the month's first charge (no row yet) and when the quota is spent.
-    with transaction.atomic():
+    with writes_in_turn(connection), transaction.atomic():
         spent_after = _charge(params)
         if spent_after is None:
             # Either the quota is spent, or this is the month's first charge and its row does
@@ -233,7 +256,7 @@ def _tokens_after(sql: str, params: dict[str, Any]) -> int | None:
 
 def log_uncharged(*, record: UsageRecord) -> None:
     """A usage row with zero tokens: a refused request, or one that costs nothing."""
-    with connection.cursor() as cursor:
+    with writes_in_turn(connection), connection.cursor() as cursor:
         cursor.execute(_LOG_SQL, replace(record, tokens=0).params())
 
 
