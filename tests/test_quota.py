@@ -336,8 +336,12 @@ def test_it_has_postgresql_keep_the_charge_prepared_after_a_few_requests(
 # --- SQLite's one writer ------------------------------------------------------------------------
 
 
-def database(vendor: str, *, in_transaction: bool = False) -> Any:
-    return SimpleNamespace(vendor=vendor, in_atomic_block=in_transaction)
+def database(vendor: str, *, in_transaction: bool = False, timeout: float = 5.0) -> Any:
+    return SimpleNamespace(
+        vendor=vendor,
+        in_atomic_block=in_transaction,
+        settings_dict={"OPTIONS": {"timeout": timeout}},
+    )
 
 
 def test_it_lets_a_process_write_to_sqlite_one_transaction_at_a_time() -> None:
@@ -378,6 +382,22 @@ def test_it_makes_no_write_wait_its_turn_on_postgresql_or_inside_a_transaction(d
             entered.set()
 
     with ledger.writes_in_turn(database("sqlite")):  # another write holds the turn
+        thread = threading.Thread(target=write)
+        thread.start()
+        assert entered.wait(5)
+    thread.join(5)
+
+
+def test_it_waits_for_its_turn_no_longer_than_the_busy_timeout() -> None:
+    entered = threading.Event()
+
+    def write() -> None:
+        with ledger.writes_in_turn(database("sqlite", timeout=0.2)):
+            entered.set()
+
+    # A write stuck in its turn must not stall the others: past the busy timeout the next one
+    # goes ahead, and SQLite's own lock (with the same timeout) decides.
+    with ledger.writes_in_turn(database("sqlite")):
         thread = threading.Thread(target=write)
         thread.start()
         assert entered.wait(5)
