@@ -181,13 +181,18 @@ def test_it_observes_batches_and_queue_waits(alice: Person, fake_encoder: FakeEn
     assert delta(before, after, "embed_queue_wait_seconds_sum") >= 0
 
 
-def test_it_counts_rate_limited_requests(alice: Person, fake_encoder: FakeEncoder) -> None:
+def test_it_counts_rate_limited_requests(
+    alice: Person, fake_encoder: FakeEncoder, frozen_rate_window: None
+) -> None:
     alice.tenant.requests_per_minute = 1
     alice.tenant.save(update_fields=["requests_per_minute"])
     before = scrape_in_process()
     assert post(alice, "/embed", {"text": "first"}).status_code == 200
-    assert post(alice, "/embed", {"text": "second"}).status_code == 429
+    second = post(alice, "/embed", {"text": "second"})
     after = scrape_in_process()
+    # Served anyway only if the limits could not be checked (they fail open): say so if so.
+    cache_failures = delta(before, after, "embed_rate_limit_backend_errors_total")
+    assert second.status_code == 429, f"rate-limit cache failures meanwhile: {cache_failures}"
     assert delta(before, after, "embed_rate_limited_total") == 1
     assert delta(before, after, "embed_quota_exceeded_total") == 0
     assert delta(before, after, "embed_errors_total", type="rate_limit_exceeded") == 1
