@@ -534,8 +534,9 @@ def main() -> None:
         service_rate = ceiling_runs["service, near-free encoder (this checkout)"]["requests_per_s"]
         bare_rate = ceiling_runs["bare server, no model"]["requests_per_s"]
         print(f"  the bare server is {bare_rate / service_rate:.1f}x the metered stack")
-        if "baseline" not in failures and args.baseline:
-            old_rate = ceiling_runs["service, near-free encoder (baseline)"]["requests_per_s"]
+        baseline_run = ceiling_runs.get("service, near-free encoder (baseline)")
+        if baseline_run is not None:
+            old_rate = baseline_run["requests_per_s"]
             print(f"  this checkout serves {service_rate / old_rate:.2f}x the baseline's req/s")
     for label, breakdown in ceiling_profiles.items():
         print_breakdown(f"CPU per near-free 1-text short request, {label}", breakdown)
