@@ -8,7 +8,7 @@ directory, so every code path that loads EmbeddingGemma by path can be exercised
 
 Usage::
 
-    .venv/bin/python bench/gemma_builder.py PATH [--size tiny|full] [--seed 0] [--force]
+    .venv/bin/python bench/gemma_builder.py PATH [--size minimal|tiny|full] [--seed 0] [--force]
 
 Tests build the tiny size in a temporary folder; ``bench/build_full_gemma.py`` builds the full
 size once for benchmarks.
@@ -39,7 +39,7 @@ __all__ = [
     "main",
 ]
 
-GemmaSize = Literal["tiny", "full"]
+GemmaSize = Literal["minimal", "tiny", "full"]
 
 # Copied from EmbeddingGemma's config_sentence_transformers.json so prompt handling in the
 # service is tested against the real prompt names and texts.
@@ -112,6 +112,22 @@ _SPECS: dict[str, _Spec] = {
         sliding_window=64,
         max_position_embeddings=512,
         dense_size=384,
+        sliding_window_pattern=2,
+    ),
+    # The stack ceiling's near-free encoder (bench/service.py --ceiling): one sliding-attention
+    # layer, 8 wide per head. "tiny" is not near-free on a CPU: a traced pass of 8 short queries
+    # costs about 7 ms (~0.9 ms a text, a fifth of a metered request), "minimal" about 0.9 ms.
+    "minimal": _Spec(
+        vocab_size=_TOKENIZER_VOCAB_SIZE,
+        hidden_size=24,
+        intermediate_size=36,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=64,
+        max_position_embeddings=512,
+        dense_size=96,
         sliding_window_pattern=2,
     ),
 }
@@ -282,7 +298,8 @@ def build_gemma_like_model(
     Args:
         path: Target directory (created; existing files with the same names are overwritten).
         size: ``"full"`` has the real sizes (~300M params, ~1.2 GB fp32; benchmarks only),
-            ``"tiny"`` has the same structure with small sizes (a few MB, builds in ~1 s; tests).
+            ``"tiny"`` has the same structure with small sizes (a few MB, builds in ~1 s; tests),
+            ``"minimal"`` one small layer (the stack ceiling's near-free encoder).
         seed: Seed for the weight init so that builds are reproducible.
 
     Returns:
@@ -351,7 +368,7 @@ def build_gemma_like_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``bench/gemma_builder.py PATH [--size tiny|full]``."""
+    """CLI entry point: ``bench/gemma_builder.py PATH [--size minimal|tiny|full]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="output directory")
     parser.add_argument("--size", choices=sorted(_SPECS), default="tiny")

@@ -305,6 +305,15 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare server")
     parser.add_argument("--no-batch", action="store_true", help="skip the 32-text run")
     parser.add_argument("--ceiling", action="store_true", help="add the near-free-encoder run")
+    parser.add_argument(
+        "--ceiling-only", action="store_true", help="only the stack ceiling (implies --ceiling)"
+    )
+    parser.add_argument(
+        "--ceiling-model",
+        choices=["minimal", "tiny"],
+        default="minimal",
+        help="the ceiling's EmbeddingGemma-architecture encoder (bench/gemma_builder.py size)",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy CPU breakdown per request")
     parser.add_argument(
         "--baseline",
@@ -312,6 +321,7 @@ def main() -> None:
         help="another checkout (e.g. `git archive`) whose stack ceiling runs too, for comparison",
     )
     args = parser.parse_args()
+    args.ceiling = args.ceiling or args.ceiling_only
     workloads = [name.strip() for name in args.workload.split(",") if name.strip()]
     if args.database == "sqlite":
         data_dir = tempfile.mkdtemp(prefix="embedplatform-bench-sqlite-")
@@ -326,16 +336,6 @@ def main() -> None:
         f"redis={'yes' if os.environ.get('REDIS_URL') else 'no (local cache)'} "
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
-    ceilings = in_process(args.model, args.quantization, args.seconds, workloads)
-    for workload, ceiling in ceilings.items():
-        print(
-            f"\nin-process encode, {workload} ({ceiling['dtype']}, "
-            f"~{ceiling['tokens_per_text']:.0f} tokens/text)"
-        )
-        for batch in (1, 8, 32):
-            print(f"  batch {batch:>2}: {ceiling[f'batch{batch}']:8.1f} sentences/s")
-    dtype = next(iter(ceilings.values()))["dtype"]
-
     token = prepare_tenant()
     from tests.service import start_service, wait_until_healthy
 
@@ -375,58 +375,69 @@ def main() -> None:
 
     runs: dict[str, dict[str, Any]] = {}
     profile: list[tuple[str, float]] = []
-    service = run_service(args.model, args.quantization)
-    try:
-        health = json.loads(service.get("/health").text)
-        for line in service.log().splitlines():
-            if '"gunicorn_settings"' in line:
-                sizing = json.loads(line)
-                print(
-                    f"\ngunicorn: {sizing['workers']} workers x {sizing['threads']} threads, "
-                    f"{sizing['torch_threads']} torch threads each, {sizing['cores']} cores"
-                )
-        print(f"service: {health['model']} {health['dtype']}, checks {health['checks']}")
-        assert health["dtype"] == dtype, "the service must run the same dtype"
-        one_text(service.url, workloads[0], args.clients, 2)  # warm-up
-        # One client at a time: the identity layer's own cost, without queueing behind others.
-        alone = one_text(service.url, workloads[0], 1, min(args.seconds, 5))
-        for workload in workloads:
-            if args.profile and workload == "short":
-                profile = profiled(
-                    service,
-                    lambda w=workload: one_text(service.url, w, args.clients, args.seconds),
-                    runs,
-                    f"1-text {workload}",
-                )
-            else:
-                runs[f"1-text {workload}"] = one_text(
-                    service.url, workload, args.clients, args.seconds
-                )
-        if not args.no_batch:
-            runs["32-text sentence"] = load(
-                service.url,
-                token,
-                path="/batch-embed",
-                texts_per_request=32,
-                clients=args.clients,
-                seconds=args.seconds,
-            )
-    finally:
-        service.stop()
-
     bare: dict[str, dict[str, Any]] = {}
-    if not args.no_baseline:
-        process, url = start_bare(
-            {"BARE_MODEL": args.model, "BARE_QUANTIZATION": args.quantization}
-        )
+    if not args.ceiling_only:
+        ceilings = in_process(args.model, args.quantization, args.seconds, workloads)
+        for workload, ceiling in ceilings.items():
+            print(
+                f"\nin-process encode, {workload} ({ceiling['dtype']}, "
+                f"~{ceiling['tokens_per_text']:.0f} tokens/text)"
+            )
+            for batch in (1, 8, 32):
+                print(f"  batch {batch:>2}: {ceiling[f'batch{batch}']:8.1f} sentences/s")
+        dtype = next(iter(ceilings.values()))["dtype"]
+
+        service = run_service(args.model, args.quantization)
         try:
-            # The same warm-up the service had: each new text length costs oneDNN a kernel of
-            # its own, seconds in all, which a run of a few seconds must not count.
-            one_text(url, workloads[0], args.clients, 2)
+            health = json.loads(service.get("/health").text)
+            for line in service.log().splitlines():
+                if '"gunicorn_settings"' in line:
+                    sizing = json.loads(line)
+                    print(
+                        f"\ngunicorn: {sizing['workers']} workers x {sizing['threads']} threads, "
+                        f"{sizing['torch_threads']} torch threads each, {sizing['cores']} cores"
+                    )
+            print(f"service: {health['model']} {health['dtype']}, checks {health['checks']}")
+            assert health["dtype"] == dtype, "the service must run the same dtype"
+            one_text(service.url, workloads[0], args.clients, 2)  # warm-up
+            # One client at a time: the identity layer's own cost, without queueing behind others.
+            alone = one_text(service.url, workloads[0], 1, min(args.seconds, 5))
             for workload in workloads:
-                bare[workload] = one_text(url, workload, args.clients, args.seconds)
+                if args.profile and workload == "short":
+                    profile = profiled(
+                        service,
+                        lambda w=workload: one_text(service.url, w, args.clients, args.seconds),
+                        runs,
+                        f"1-text {workload}",
+                    )
+                else:
+                    runs[f"1-text {workload}"] = one_text(
+                        service.url, workload, args.clients, args.seconds
+                    )
+            if not args.no_batch:
+                runs["32-text sentence"] = load(
+                    service.url,
+                    token,
+                    path="/batch-embed",
+                    texts_per_request=32,
+                    clients=args.clients,
+                    seconds=args.seconds,
+                )
         finally:
-            stop(process)
+            service.stop()
+
+        if not args.no_baseline:
+            process, url = start_bare(
+                {"BARE_MODEL": args.model, "BARE_QUANTIZATION": args.quantization}
+            )
+            try:
+                # The same warm-up the service had: each new text length costs oneDNN a kernel of
+                # its own, seconds in all, which a run of a few seconds must not count.
+                one_text(url, workloads[0], args.clients, 2)
+                for workload in workloads:
+                    bare[workload] = one_text(url, workload, args.clients, args.seconds)
+            finally:
+                stop(process)
 
     ceiling_runs: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
@@ -434,8 +445,8 @@ def main() -> None:
     if args.ceiling:
         from bench.gemma_builder import build_gemma_like_model
 
-        tiny_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-tiny-"))
-        tiny = build_gemma_like_model(tiny_dir / "gemma-tiny", size="tiny")
+        tiny_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-ceiling-"))
+        tiny = build_gemma_like_model(tiny_dir / "gemma", size=args.ceiling_model)
         checkouts = [("this checkout", ROOT)]
         if args.baseline:
             checkouts.insert(0, ("baseline", args.baseline.resolve()))
@@ -480,12 +491,61 @@ def main() -> None:
         finally:
             stop(process)
 
+    if not args.ceiling_only:
+        print_model_runs(
+            alone=alone,
+            runs=runs,
+            bare=bare,
+            ceilings=ceilings,
+            workloads=workloads,
+            clients=args.clients,
+            dtype=dtype,
+        )
+    if ceiling_runs:
+        print("\nstack ceiling, 1-text short requests")
+        print("  (CPU per request, of gunicorn / PostgreSQL / Redis)")
+        for name, run in ceiling_runs.items():
+            cpu = run.get("cpu_us")
+            costs = (
+                f"  CPU {cpu['gunicorn']:.0f} / {cpu['PostgreSQL']:.0f} / {cpu['Redis']:.0f} us"
+                if cpu
+                else ""
+            )
+            print(
+                f"  {name:<42} {run['requests_per_s']:8.1f} req/s  p50 {run['p50']:.1f} ms  "
+                f"p99 {run['p99']:.1f} ms{costs}"
+            )
+        for label, reason in failures.items():
+            print(f"  service, near-free encoder ({label}) did not start: {reason}")
+        service_rate = ceiling_runs["service, near-free encoder (this checkout)"]["requests_per_s"]
+        bare_rate = ceiling_runs["bare server, no model"]["requests_per_s"]
+        print(f"  the bare server is {bare_rate / service_rate:.1f}x the metered stack")
+        baseline_run = ceiling_runs.get("service, near-free encoder (baseline)")
+        if baseline_run is not None:
+            old_rate = baseline_run["requests_per_s"]
+            print(f"  this checkout serves {service_rate / old_rate:.2f}x the baseline's req/s")
+    for label, breakdown in ceiling_profiles.items():
+        print_breakdown(f"CPU per near-free 1-text short request, {label}", breakdown)
+    if profile:
+        print_breakdown("CPU per 1-text short request", profile)
+
+
+def print_model_runs(
+    *,
+    alone: dict[str, Any],
+    runs: dict[str, dict[str, Any]],
+    bare: dict[str, dict[str, Any]],
+    ceilings: dict[str, dict[str, Any]],
+    workloads: list[str],
+    clients: int,
+    dtype: str,
+) -> None:
     print(
         f"\none client, 1-text {workloads[0]} requests: p50 {alone['p50']:.1f} ms, of which the "
         "identity layer (authentication, tenant, rate limits, quota, charge and usage row) "
         f"{alone['identity_p50']:.2f} ms"
     )
-    print(f"\nservice under {args.clients} concurrent clients (identity layer on), {dtype}")
+    print(f"\nservice under {clients} concurrent clients (identity layer on), {dtype}")
     print(
         f"  {'requests':<18} {'sent/s':>8} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
         f"{'p99 ms':>7} {'id p50':>7} {'vs batch32':>10} {'vs bare':>8}"
@@ -515,33 +575,6 @@ def main() -> None:
         # that bounds "vs bare" whatever the stack does (small where batching gains little).
         bound = ceilings[workload]["batch32"] / run["sentences_per_s"]
         print(f"  the model alone allows at most {bound:.2f}x the bare server on {workload} texts")
-    if ceiling_runs:
-        print("\nstack ceiling, 1-text short requests")
-        print("  (CPU per request, of gunicorn / PostgreSQL / Redis)")
-        for name, run in ceiling_runs.items():
-            cpu = run.get("cpu_us")
-            costs = (
-                f"  CPU {cpu['gunicorn']:.0f} / {cpu['PostgreSQL']:.0f} / {cpu['Redis']:.0f} us"
-                if cpu
-                else ""
-            )
-            print(
-                f"  {name:<42} {run['requests_per_s']:8.1f} req/s  p50 {run['p50']:.1f} ms  "
-                f"p99 {run['p99']:.1f} ms{costs}"
-            )
-        for label, reason in failures.items():
-            print(f"  service, near-free encoder ({label}) did not start: {reason}")
-        service_rate = ceiling_runs["service, near-free encoder (this checkout)"]["requests_per_s"]
-        bare_rate = ceiling_runs["bare server, no model"]["requests_per_s"]
-        print(f"  the bare server is {bare_rate / service_rate:.1f}x the metered stack")
-        baseline_run = ceiling_runs.get("service, near-free encoder (baseline)")
-        if baseline_run is not None:
-            old_rate = baseline_run["requests_per_s"]
-            print(f"  this checkout serves {service_rate / old_rate:.2f}x the baseline's req/s")
-    for label, breakdown in ceiling_profiles.items():
-        print_breakdown(f"CPU per near-free 1-text short request, {label}", breakdown)
-    if profile:
-        print_breakdown("CPU per 1-text short request", profile)
 
 
 def print_breakdown(title: str, breakdown: list[tuple[str, float]]) -> None:

@@ -91,6 +91,22 @@ def test_it_reports_load_memory_per_mode(gemma_tiny_path: Path) -> None:
         assert 0 < settled <= peak, completed.stdout
 
 
+def test_it_measures_only_the_stack_ceiling_when_asked() -> None:
+    completed = _run(
+        "bench/service.py",
+        *("--ceiling-only", "--database", "sqlite", "--seconds", "1", "--clients", "2"),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "in-process encode" not in completed.stdout
+    rates = {
+        line.split("  ")[1].strip(): float(line.split("req/s")[0].split()[-1])
+        for line in completed.stdout.splitlines()
+        if "req/s  p50" in line
+    }
+    assert set(rates) == {"service, near-free encoder (this checkout)", "bare server, no model"}
+    assert all(rate > 0 for rate in rates.values()), completed.stdout
+
+
 def test_it_reads_the_cpu_a_service_process_tree_spent() -> None:
     from bench.cpu_profile import cpu_seconds_by_process
 

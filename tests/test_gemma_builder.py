@@ -147,3 +147,23 @@ def test_it_builds_through_the_cli(tmp_path: Path) -> None:
 def test_it_rejects_unknown_sizes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size"):
         build_gemma_like_model(tmp_path / "x", size="huge")  # type: ignore[arg-type]  # refused on purpose
+
+
+def test_it_builds_a_minimal_one_layer_model_for_the_stack_ceiling(tmp_path: Path) -> None:
+    model = SentenceTransformer(
+        str(build_gemma_like_model(tmp_path / "minimal", size="minimal")), device="cpu"
+    )
+    config = model[0].auto_model.config
+    assert [type(module).__name__ for module in model] == [
+        "Transformer",
+        "Pooling",
+        "Dense",
+        "Dense",
+        "Normalize",
+    ]
+    assert config.model_type == "gemma3_text"
+    assert config.num_hidden_layers == 1
+    assert config.hidden_size < 96  # smaller than "tiny" in every dimension that costs
+    embeddings = model.encode(["a search query", "검색어"])
+    assert embeddings.shape == (2, config.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
