@@ -18,8 +18,8 @@ The "(cache)" steps are the rate-limit windows in Redis, or the local cache. One
 charges each get a transaction of their own; with `--clients 16` they share them (group
 commit), which is where the charge writer and PostgreSQL cost less per request.
 
-The default model is the tiny EmbeddingGemma-architecture model (almost no model work), as in
-`bench/service.py --ceiling`: what is left is the stack's own cost.
+The default model is the minimal EmbeddingGemma-architecture model (one small layer: almost no
+model work), as in `bench/service.py --ceiling`: what is left is the stack's own cost.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="", help="default: the tiny Gemma-architecture model")
+    parser.add_argument("--model", default="", help="default: the minimal Gemma-architecture model")
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument(
@@ -209,7 +209,9 @@ def main() -> None:
     from bench.service import WORKLOADS, prepare_tenant
 
     model = args.model or str(
-        build_gemma_like_model(Path(tempfile.mkdtemp(prefix="request-cpu-")) / "gemma-tiny")
+        build_gemma_like_model(
+            Path(tempfile.mkdtemp(prefix="request-cpu-")) / "gemma-minimal", size="minimal"
+        )
     )
     os.environ["MODEL_NAME"] = model
     os.environ["MODEL_QUANTIZATION"] = args.quantization
@@ -217,12 +219,11 @@ def main() -> None:
     os.environ.setdefault("LOG_LEVEL", "warning")
     token = prepare_tenant()
 
-    from django.core.wsgi import get_wsgi_application
     from django.db import connections
 
     from embeddings.runtime import ensure_loaded
+    from embedplatform.wsgi import application  # what gunicorn serves
 
-    application = get_wsgi_application()
     runtime = ensure_loaded()
     clocks = install_clocks()
     texts = WORKLOADS["short"](512, seed=5)

@@ -105,6 +105,16 @@ MIDDLEWARE = [
     "axes.middleware.AxesMiddleware",
     "embedplatform.middleware.PrometheusAfterMiddleware",
 ]
+# What a call with a bearer credential skips (embedplatform/handler.py): it has no session, no
+# Django user, no CSRF exposure, no messages, no admin login and asks for no static file.
+BROWSER_MIDDLEWARE = [
+    "embedplatform.staticfiles.StaticFilesMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "embedplatform.middleware.LazyMessageMiddleware",
+    "axes.middleware.AxesMiddleware",
+]
 # Axes first: it refuses a locked-out username and address before any password is checked.
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",

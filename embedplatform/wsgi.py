@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from django.core.wsgi import get_wsgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "embedplatform.settings")
 
@@ -67,8 +67,11 @@ def guard_body(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[by
     return guarded
 
 
-_django_application = get_wsgi_application()
+django.setup(set_prefix=False)  # as get_wsgi_application does, for our handler
 
 from embedplatform.faults import MalformedBody  # noqa: E402  (needs Django set up)
+from embedplatform.handler import EmbedPlatformHandler  # noqa: E402
+
+_django_application = EmbedPlatformHandler()
 
 application = guard_body(_django_application)
