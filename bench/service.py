@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/service.py [--model PATH_OR_ID] [--quantization auto] [--seconds 10]
         [--workload short,sentence] [--database env|sqlite] [--no-baseline] [--ceiling]
-        [--profile]
+        [--ceiling-only] [--ceiling-model minimal|tiny] [--baseline DIR] [--rounds 4] [--profile]
 
 1. In-process `model.encode` at batch 1, 8 and 32, per workload (no HTTP, no identity layer).
 2. A real gunicorn with everything switched on (Supabase JWT auth, tenant resolution, rate
@@ -11,9 +11,11 @@
    tokens), then 32-text /batch-embed requests, with keep-alive connections.
 3. The bare per-request baseline (bench/bare_server.py: gunicorn, 2 sync workers, one `encode`
    per request, no auth, no accounting) under the same clients, in the same run.
-4. With --ceiling, the stack's own limit: the same service with a near-free encoder (the tiny
-   EmbeddingGemma-architecture model) in requests/s, next to the bare server answering a
-   constant vector (no model at all).
+4. With --ceiling, the stack's own limit: the same service with a near-free encoder (the minimal
+   EmbeddingGemma-architecture model: one small layer) in requests/s, next to the bare server
+   answering a constant vector (no model at all). With --baseline DIR, another checkout's
+   service runs too; the services take turns in --rounds slices each, in alternating order, so
+   that the ratio compares the same moments of the machine.
 5. With --profile, py-spy samples the service's workers during the short 1-text run and prints
    the CPU per request by part: HTTP parsing, middleware, DRF, authentication, metering, Redis,
    SQL, tokenization, model, batcher hand-off, rendering, metrics, logging.
@@ -227,6 +229,8 @@ def load(
         "p95": percentile(latencies, 95),
         "p99": percentile(latencies, 99),
         "identity_p50": percentile(identity, 50),
+        "latencies": latencies,
+        "seconds": wall,
     }
 
 
@@ -315,6 +319,12 @@ def main() -> None:
         help="the ceiling's EmbeddingGemma-architecture encoder (bench/gemma_builder.py size)",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy CPU breakdown per request")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="ceiling: slices per service, taking turns (--seconds in all, per service)",
+    )
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -450,10 +460,11 @@ def main() -> None:
         checkouts = [("this checkout", ROOT)]
         if args.baseline:
             checkouts.insert(0, ("baseline", args.baseline.resolve()))
+        services: dict[str, Any] = {}
         try:
             for label, checkout in checkouts:
                 try:
-                    service = run_service(str(tiny), "fp32", checkout)
+                    services[label] = run_service(str(tiny), "fp32", checkout)
                 except RuntimeError as exc:
                     if label == "this checkout":
                         raise
@@ -461,27 +472,33 @@ def main() -> None:
                     # for 90c6d66, say): its row says so, and the run's other figures stand.
                     plain = [line for line in str(exc).splitlines() if line[:1] not in "{ "]
                     failures[label] = (plain or ["see its log"])[-1][:200]
-                    continue
-                try:
-                    one_text(service.url, "short", args.clients, 2)
+            for service in services.values():
+                one_text(service.url, "short", args.clients, 2)
+            # The services take turns in short slices, in alternating order, so that both
+            # sample the same moments of a machine whose speed drifts by +-20% within minutes.
+            slices: dict[str, list[dict[str, Any]]] = {label: [] for label in services}
+            order = list(services)
+            for round_number in range(args.rounds):
+                for label in order if round_number % 2 == 0 else order[::-1]:
+                    service = services[label]
                     before = cpu_seconds_by_process(service.process.pid)
-                    run = one_text(service.url, "short", args.clients, args.seconds)
+                    run = one_text(service.url, "short", args.clients, args.seconds / args.rounds)
                     after = cpu_seconds_by_process(service.process.pid)
-                    run["cpu_us"] = {
-                        name: (after[name] - before[name]) * 1e6 / max(1, run["requests"])
-                        for name in after
-                    }
-                    ceiling_runs[f"service, near-free encoder ({label})"] = run
-                    if args.profile:
-                        ceiling_profiles[label] = profiled(
-                            service,
-                            lambda url=service.url: one_text(url, "short", args.clients, 5),
-                            {},
-                            label,
-                        )
-                finally:
-                    service.stop()
+                    run["cpu"] = {name: after[name] - before[name] for name in after}
+                    slices[label].append(run)
+            for label, runs_of_label in slices.items():
+                ceiling_runs[f"service, near-free encoder ({label})"] = merged(runs_of_label)
+            if args.profile:
+                for label, service in services.items():
+                    ceiling_profiles[label] = profiled(
+                        service,
+                        lambda url=service.url: one_text(url, "short", args.clients, 5),
+                        {},
+                        label,
+                    )
         finally:
+            for service in services.values():
+                service.stop()
             shutil.rmtree(tiny_dir, ignore_errors=True)
         process, url = start_bare({"BARE_MODEL": "free"})
         try:
@@ -523,7 +540,17 @@ def main() -> None:
         baseline_run = ceiling_runs.get("service, near-free encoder (baseline)")
         if baseline_run is not None:
             old_rate = baseline_run["requests_per_s"]
-            print(f"  this checkout serves {service_rate / old_rate:.2f}x the baseline's req/s")
+            this_run = ceiling_runs["service, near-free encoder (this checkout)"]
+            per_round = [
+                new["requests_per_s"] / old["requests_per_s"]
+                for new, old in zip(this_run["rounds"], baseline_run["rounds"], strict=True)
+            ]
+            print(
+                f"  this checkout serves {service_rate / old_rate:.2f}x the baseline's req/s "
+                f"(rounds: {min(per_round):.2f}-{max(per_round):.2f}x) at "
+                f"{total_cpu(baseline_run) / total_cpu(this_run):.2f}x less CPU per request "
+                "(gunicorn, PostgreSQL and Redis together)"
+            )
     for label, breakdown in ceiling_profiles.items():
         print_breakdown(f"CPU per near-free 1-text short request, {label}", breakdown)
     if profile:
@@ -575,6 +602,29 @@ def print_model_runs(
         # that bounds "vs bare" whatever the stack does (small where batching gains little).
         bound = ceilings[workload]["batch32"] / run["sentences_per_s"]
         print(f"  the model alone allows at most {bound:.2f}x the bare server on {workload} texts")
+
+
+def merged(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of several slices of `load` (each with its "cpu" seconds by process)."""
+    requests = sum(run["requests"] for run in slices)
+    seconds = sum(run["seconds"] for run in slices)
+    latencies = [latency for run in slices for latency in run["latencies"]]
+    return {
+        "requests": requests,
+        "requests_per_s": requests / seconds,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "failures": [failure for run in slices for failure in run["failures"]],
+        "cpu_us": {
+            name: sum(run["cpu"][name] for run in slices) * 1e6 / max(1, requests)
+            for name in slices[0]["cpu"]
+        },
+        "rounds": [{"requests_per_s": run["requests_per_s"]} for run in slices],
+    }
+
+
+def total_cpu(run: dict[str, Any]) -> float:
+    return float(sum(run["cpu_us"].values()))
 
 
 def print_breakdown(title: str, breakdown: list[tuple[str, float]]) -> None:
