@@ -154,3 +154,17 @@ def test_it_skips_only_browser_middleware_named_in_the_full_list_and_keeps_its_o
     ]
     assert "django.middleware.common.CommonMiddleware" in api_middleware()
     assert "django.middleware.security.SecurityMiddleware" in api_middleware()
+
+
+def test_it_renders_the_browsable_api_for_a_bearer_call(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    status, headers, content = call(
+        "GET", "/v1/embeddings", authorization=f"Bearer {alice.token}", accept="text/html"
+    )
+    assert status == 200, content[:500]
+    assert headers["content-type"].startswith("text/html")
+    page = content.decode()
+    assert "Embeddings" in page or "embeddings" in page
+    assert 'method="POST"' in page  # the form to try the endpoint, with its CSRF field
+    assert "csrfmiddlewaretoken" in page
