@@ -332,6 +332,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.ceiling = args.ceiling or args.ceiling_only
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     workloads = [name.strip() for name in args.workload.split(",") if name.strip()]
     if args.database == "sqlite":
         data_dir = tempfile.mkdtemp(prefix="embedplatform-bench-sqlite-")
@@ -532,23 +534,28 @@ def main() -> None:
                 f"  {name:<42} {run['requests_per_s']:8.1f} req/s  p50 {run['p50']:.1f} ms  "
                 f"p99 {run['p99']:.1f} ms{costs}"
             )
+            if run.get("failures"):
+                print(f"    {len(run['failures'])} failed requests, first: {run['failures'][0]}")
         for label, reason in failures.items():
             print(f"  service, near-free encoder ({label}) did not start: {reason}")
-        service_rate = ceiling_runs["service, near-free encoder (this checkout)"]["requests_per_s"]
+        this_run = ceiling_runs["service, near-free encoder (this checkout)"]
         bare_rate = ceiling_runs["bare server, no model"]["requests_per_s"]
-        print(f"  the bare server is {bare_rate / service_rate:.1f}x the metered stack")
+        print(
+            f"  the bare server is {times(bare_rate, this_run['requests_per_s'])} the metered stack"
+        )
         baseline_run = ceiling_runs.get("service, near-free encoder (baseline)")
         if baseline_run is not None:
-            old_rate = baseline_run["requests_per_s"]
-            this_run = ceiling_runs["service, near-free encoder (this checkout)"]
             per_round = [
                 new["requests_per_s"] / old["requests_per_s"]
                 for new, old in zip(this_run["rounds"], baseline_run["rounds"], strict=True)
+                if old["requests_per_s"] > 0
             ]
+            spread = f"{min(per_round):.2f}-{max(per_round):.2f}x" if per_round else "n/a"
             print(
-                f"  this checkout serves {service_rate / old_rate:.2f}x the baseline's req/s "
-                f"(rounds: {min(per_round):.2f}-{max(per_round):.2f}x) at "
-                f"{total_cpu(baseline_run) / total_cpu(this_run):.2f}x less CPU per request "
+                "  this checkout serves "
+                f"{times(this_run['requests_per_s'], baseline_run['requests_per_s'])} the "
+                f"baseline's req/s (rounds: {spread}) at "
+                f"{times(total_cpu(baseline_run), total_cpu(this_run))} less CPU per request "
                 "(gunicorn, PostgreSQL and Redis together)"
             )
     for label, breakdown in ceiling_profiles.items():
@@ -611,7 +618,7 @@ def merged(slices: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = [latency for run in slices for latency in run["latencies"]]
     return {
         "requests": requests,
-        "requests_per_s": requests / seconds,
+        "requests_per_s": requests / seconds if seconds > 0 else 0.0,
         "p50": percentile(latencies, 50),
         "p99": percentile(latencies, 99),
         "failures": [failure for run in slices for failure in run["failures"]],
@@ -625,6 +632,10 @@ def merged(slices: list[dict[str, Any]]) -> dict[str, Any]:
 
 def total_cpu(run: dict[str, Any]) -> float:
     return float(sum(run["cpu_us"].values()))
+
+
+def times(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator > 0 else "n/a"
 
 
 def print_breakdown(title: str, breakdown: list[tuple[str, float]]) -> None:

@@ -4,10 +4,10 @@ A call with a bearer credential is authenticated by that credential alone (the s
 comes last in DRF's list and is never reached, see accounts/authentication.py), is not
 forgeable cross-site (a browser cannot attach the header without a CORS preflight), and never
 logs in, so sessions, CSRF, Django's user, messages, axes and static files have nothing to do
-for it. Measured with `bench/request_cpu.py --clients 16`, skipping them cut a metered 1-text
-request's CPU by about a tenth. Everything else (request ids, logs, CORS, faults, security
-headers, the host check, metrics) runs on every request; `settings.BROWSER_MIDDLEWARE` lists
-what is skipped.
+for it. Measured in-process with `bench/request_cpu.py --clients 16`, skipping them cut a
+metered 1-text request thread's CPU by 13-24% (in the service it is within the noise: README,
+Metering). Everything else (request ids, logs, CORS, faults, security headers, the host check,
+metrics) runs on every request; `settings.BROWSER_MIDDLEWARE` lists what is skipped.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from django.http import HttpRequest, HttpResponseBase
 
 Chain = Callable[[HttpRequest], HttpResponseBase]
 
-# The admin signs in with a session, whatever else the browser sends along.
-_SESSION_ONLY_PREFIX = "/admin/"
+# The admin signs in with a session, and static files are served by a middleware, whatever
+# else the browser (or one of its extensions) sends along.
+_BROWSER_PREFIXES = ("/admin/", f"/{settings.STATIC_URL.strip('/')}/")
 
 
 def is_bearer_api_call(request: HttpRequest) -> bool:
     authorization: str = request.META.get("HTTP_AUTHORIZATION", "")
     return authorization[:7].lower() == "bearer " and not request.path_info.startswith(
-        _SESSION_ONLY_PREFIX
+        _BROWSER_PREFIXES
     )
 
 
@@ -40,6 +41,9 @@ class EmbedPlatformHandler(WSGIHandler):
     _middleware_chain: Chain  # set by BaseHandler.load_middleware; django-stubs omit it
 
     def load_middleware(self, is_async: bool = False) -> None:
+        # Django builds a chain from settings.MIDDLEWARE alone. The list is swapped only while
+        # this handler is built, once per process before it serves (gunicorn builds it in each
+        # worker before that worker's threads start).
         everything = settings.MIDDLEWARE
         settings.MIDDLEWARE = api_middleware()
         try:
@@ -48,8 +52,9 @@ class EmbedPlatformHandler(WSGIHandler):
         finally:
             settings.MIDDLEWARE = everything
         # Loaded last, the whole list's view, template-response and exception hooks are the
-        # handler's, for either chain: those of the skipped middleware only answer requests
-        # of their own (a CSRF-protected form, a locked-out login), which API calls are not.
+        # handler's, for either chain. Of the skipped middleware only CSRF has one (process_view):
+        # every view outside the admin is exempt, and one that was not would refuse an unsafe
+        # method without a token, which fails safe.
         super().load_middleware(is_async)
         full_chain = self._middleware_chain
 

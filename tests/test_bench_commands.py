@@ -91,20 +91,32 @@ def test_it_reports_load_memory_per_mode(gemma_tiny_path: Path) -> None:
         assert 0 < settled <= peak, completed.stdout
 
 
-def test_it_measures_only_the_stack_ceiling_when_asked() -> None:
+def test_it_measures_only_the_stack_ceiling_when_asked_against_a_baseline_in_turns() -> None:
     completed = _run(
         "bench/service.py",
-        *("--ceiling-only", "--database", "sqlite", "--seconds", "1", "--clients", "2"),
+        *("--ceiling-only", "--database", "sqlite", "--seconds", "2", "--clients", "2"),
+        *("--baseline", str(ROOT), "--rounds", "2"),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "in-process encode" not in completed.stdout
+    assert "failed requests" not in completed.stdout, completed.stdout
     rates = {
         line.split("  ")[1].strip(): float(line.split("req/s")[0].split()[-1])
         for line in completed.stdout.splitlines()
         if "req/s  p50" in line
     }
-    assert set(rates) == {"service, near-free encoder (this checkout)", "bare server, no model"}
+    assert set(rates) == {
+        "service, near-free encoder (baseline)",
+        "service, near-free encoder (this checkout)",
+        "bare server, no model",
+    }
     assert all(rate > 0 for rate in rates.values()), completed.stdout
+    # The same code on both sides, in turns: the ratio and its rounds are printed, near 1.
+    summary = next(line for line in completed.stdout.splitlines() if "the baseline's" in line)
+    ratio = float(summary.split("serves ")[1].split("x")[0])
+    assert 0.2 < ratio < 5, summary
+    assert "(rounds: " in summary, summary
+    assert "less CPU per request" in summary, summary
 
 
 def test_it_reads_the_cpu_a_service_process_tree_spent() -> None:

@@ -136,8 +136,16 @@ def test_it_sends_the_admin_through_every_middleware_even_with_a_bearer_header(
     assert set(browser_middleware_calls) == {"session", "csrf", "axes"}
 
 
+def test_it_serves_static_files_to_a_request_with_a_bearer_header(alice: Person) -> None:
+    status, headers, _ = call(
+        "GET", "/static/rest_framework/js/load-ajax-form.js", authorization=f"Bearer {alice.token}"
+    )
+    assert status == 200
+    assert "javascript" in headers["content-type"]
+
+
 def test_it_still_checks_the_host_of_a_bearer_call(alice: Person) -> None:
-    status, _, _ = call(
+    status, _, content = call(
         "POST",
         "/v1/embeddings",
         body={"input": "hello"},
@@ -145,6 +153,7 @@ def test_it_still_checks_the_host_of_a_bearer_call(alice: Person) -> None:
         host="attacker.example",
     )
     assert status == 400
+    assert json.loads(content)["error"]["code"] == "bad_request"
 
 
 def test_it_skips_only_browser_middleware_named_in_the_full_list_and_keeps_its_order() -> None:
@@ -166,5 +175,4 @@ def test_it_renders_the_browsable_api_for_a_bearer_call(
     assert headers["content-type"].startswith("text/html")
     page = content.decode()
     assert "Embeddings" in page or "embeddings" in page
-    assert 'method="POST"' in page  # the form to try the endpoint, with its CSRF field
-    assert "csrfmiddlewaretoken" in page
+    assert 'method="POST"' in page  # the form to try the endpoint
