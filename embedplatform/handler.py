@@ -13,8 +13,10 @@ metrics) runs on every request; `settings.BROWSER_MIDDLEWARE` lists what is skip
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, cast
 
 from django.conf import settings
+from django.core.handlers.base import BaseHandler
 from django.core.handlers.wsgi import WSGIHandler
 from django.http import HttpRequest, HttpResponseBase
 
@@ -37,28 +39,38 @@ def api_middleware() -> list[str]:
     return [path for path in settings.MIDDLEWARE if path not in settings.BROWSER_MIDDLEWARE]
 
 
-class EmbedPlatformHandler(WSGIHandler):
+def load_split_middleware(handler: BaseHandler, *, is_async: bool = False) -> None:
+    """Builds `handler`'s middleware chain as two: bearer API calls through api_middleware(),
+    everything else through the whole list. Django's test client uses it too (tests/conftest.py),
+    so tests see the chains that gunicorn serves."""
+    chained = cast(_Chained, handler)
+    # Django builds a chain from settings.MIDDLEWARE alone. The list is swapped only while a
+    # handler is built, before it serves (gunicorn builds it in each worker before that
+    # worker's threads start).
+    everything = settings.MIDDLEWARE
+    settings.MIDDLEWARE = api_middleware()
+    try:
+        BaseHandler.load_middleware(handler, is_async)
+        api_chain = chained._middleware_chain
+    finally:
+        settings.MIDDLEWARE = everything
+    # Loaded last, the whole list's view, template-response and exception hooks are the
+    # handler's, for either chain. Of the skipped middleware only CSRF has one (process_view):
+    # every view outside the admin is exempt, and one that was not would refuse an unsafe
+    # method without a token, which fails safe.
+    BaseHandler.load_middleware(handler, is_async)
+    full_chain = chained._middleware_chain
+
+    def chain(request: HttpRequest) -> HttpResponseBase:
+        return api_chain(request) if is_bearer_api_call(request) else full_chain(request)
+
+    chained._middleware_chain = chain
+
+
+class _Chained(Protocol):
     _middleware_chain: Chain  # set by BaseHandler.load_middleware; django-stubs omit it
 
+
+class EmbedPlatformHandler(WSGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
-        # Django builds a chain from settings.MIDDLEWARE alone. The list is swapped only while
-        # this handler is built, once per process before it serves (gunicorn builds it in each
-        # worker before that worker's threads start).
-        everything = settings.MIDDLEWARE
-        settings.MIDDLEWARE = api_middleware()
-        try:
-            super().load_middleware(is_async)
-            api_chain = self._middleware_chain
-        finally:
-            settings.MIDDLEWARE = everything
-        # Loaded last, the whole list's view, template-response and exception hooks are the
-        # handler's, for either chain. Of the skipped middleware only CSRF has one (process_view):
-        # every view outside the admin is exempt, and one that was not would refuse an unsafe
-        # method without a token, which fails safe.
-        super().load_middleware(is_async)
-        full_chain = self._middleware_chain
-
-        def chain(request: HttpRequest) -> HttpResponseBase:
-            return api_chain(request) if is_bearer_api_call(request) else full_chain(request)
-
-        self._middleware_chain = chain
+        load_split_middleware(self, is_async=is_async)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from django.core.cache import cache
 from django.test import Client
+from django.test.client import ClientHandler
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -29,8 +30,23 @@ from accounts.metering import ledger
 from accounts.models import Membership, SupabaseIdentity, Tenant, UsageLog
 from embeddings import encoder as encoder_module
 from embeddings import runtime
+from embedplatform.handler import load_split_middleware
 
 OUTPUT_DIR = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_client_chains_as_served() -> Iterator[None]:
+    """Django's test client (and DRF's) builds its own handler: give it the middleware chains
+    gunicorn serves (embedplatform/handler.py), so that a bearer call in a test skips what it
+    skips in production."""
+
+    def load_middleware(handler: ClientHandler, is_async: bool = False) -> None:
+        load_split_middleware(handler, is_async=is_async)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClientHandler, "load_middleware", load_middleware)
+        yield
 
 
 class FakeEncoder:

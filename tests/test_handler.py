@@ -17,6 +17,7 @@ from django.contrib.sessions.middleware import SessionMiddleware
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
 from django.middleware.csrf import CsrfViewMiddleware
+from django.test import Client
 
 from embedplatform.handler import api_middleware
 from embedplatform.wsgi import application
@@ -176,3 +177,18 @@ def test_it_renders_the_browsable_api_for_a_bearer_call(
     page = content.decode()
     assert "Embeddings" in page or "embeddings" in page
     assert 'method="POST"' in page  # the form to try the endpoint
+
+
+def test_it_gives_the_test_client_the_chains_gunicorn_serves(
+    alice: Person, fake_encoder: FakeEncoder, browser_middleware_calls: list[str]
+) -> None:
+    response = Client().post(
+        "/v1/embeddings",
+        {"input": "hello", "model": fake_encoder.name},
+        content_type="application/json",
+        **alice.client_headers,
+    )
+    assert response.status_code == 200
+    assert browser_middleware_calls == []
+    Client().get("/admin/login/")
+    assert set(browser_middleware_calls) == {"session", "csrf", "axes"}
