@@ -120,3 +120,60 @@ def cpu_seconds_by_process(gunicorn_pid: int) -> dict[str, float]:
             continue
         totals[name] += cpu_seconds(fields)
     return totals
+
+
+def worker_pids(gunicorn_pid: int) -> list[int]:
+    """The arbiter's children: gunicorn's workers."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(stat_fields(f"/proc/{pid}/stat")[1]) == gunicorn_pid:
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def thread_cpu_seconds(gunicorn_pid: int) -> dict[int, float]:
+    """CPU seconds so far of every thread of every worker, by thread id."""
+    seconds = {}
+    for pid in worker_pids(gunicorn_pid):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                seconds[int(tid)] = cpu_seconds(stat_fields(f"/proc/{pid}/task/{tid}/stat"))
+            except OSError:
+                continue
+    return seconds
+
+
+def thread_roles(gunicorn_pid: int) -> dict[int, str]:
+    """What each worker thread does, by thread id, from the Python thread names `py-spy dump`
+    shows (Python does not pass them on to the OS): gunicorn's main thread, its request
+    threads (a ThreadPoolExecutor), and our own named threads (embed-batcher, charge-writer)."""
+    roles = {}
+    for pid in worker_pids(gunicorn_pid):
+        dump = subprocess.run(
+            [str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+        for line in dump.splitlines():
+            # Thread 17611 (idle): "ThreadPoolExecutor-1_0"
+            if not line.startswith("Thread ") or '"' not in line:
+                continue
+            tid, name = line.split()[1], line.split('"')[1]
+            if not tid.isdigit():
+                continue
+            if name == "MainThread":
+                roles[int(tid)] = "gunicorn main"
+            elif name.startswith("ThreadPoolExecutor"):
+                roles[int(tid)] = "request threads"
+            else:
+                roles[int(tid)] = name
+    return roles

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["MODEL_LOAD_ON_START"] = "false"
 os.environ.setdefault("CACHE_KEY_PREFIX", f"bench-{os.getpid()}")
 
-from bench.cpu_profile import cpu_seconds_by_process, profiled  # noqa: E402
+from bench.cpu_profile import (  # noqa: E402
+    cpu_seconds_by_process,
+    profiled,
+    thread_cpu_seconds,
+    thread_roles,
+)
 
 WORDS = (
     "embedding service tenants quota latency throughput model vector search query document "
@@ -479,17 +485,31 @@ def main() -> None:
             # The services take turns in short slices, in alternating order, so that both
             # sample the same moments of a machine whose speed drifts by +-20% within minutes.
             slices: dict[str, list[dict[str, Any]]] = {label: [] for label in services}
+            by_thread: dict[str, defaultdict[int, float]] = {
+                label: defaultdict(float) for label in services
+            }
             order = list(services)
             for round_number in range(args.rounds):
                 for label in order if round_number % 2 == 0 else order[::-1]:
                     service = services[label]
                     before = cpu_seconds_by_process(service.process.pid)
+                    threads_before = thread_cpu_seconds(service.process.pid)
                     run = one_text(service.url, "short", args.clients, args.seconds / args.rounds)
+                    threads_after = thread_cpu_seconds(service.process.pid)
                     after = cpu_seconds_by_process(service.process.pid)
                     run["cpu"] = {name: after[name] - before[name] for name in after}
                     slices[label].append(run)
+                    for tid, seconds in threads_after.items():
+                        by_thread[label][tid] += seconds - threads_before.get(tid, 0.0)
             for label, runs_of_label in slices.items():
-                ceiling_runs[f"service, near-free encoder ({label})"] = merged(runs_of_label)
+                row = merged(runs_of_label)
+                # Named once the rounds are over: request threads start as connections come.
+                roles = thread_roles(services[label].process.pid)
+                per_role: defaultdict[str, float] = defaultdict(float)
+                for tid, seconds in by_thread[label].items():
+                    per_role[roles.get(tid, "other")] += seconds * 1e6 / max(1, row["requests"])
+                row["threads_us"] = dict(sorted(per_role.items(), key=lambda item: -item[1]))
+                ceiling_runs[f"service, near-free encoder ({label})"] = row
             if args.profile:
                 for label, service in services.items():
                     ceiling_profiles[label] = profiled(
@@ -536,6 +556,13 @@ def main() -> None:
             )
             if run.get("failures"):
                 print(f"    {len(run['failures'])} failed requests, first: {run['failures'][0]}")
+            if run.get("threads_us"):
+                print(
+                    "    its workers' threads, us per request: "
+                    + ", ".join(
+                        f"{role} {us:.0f}" for role, us in run["threads_us"].items() if us >= 1
+                    )
+                )
         for label, reason in failures.items():
             print(f"  service, near-free encoder ({label}) did not start: {reason}")
         this_run = ceiling_runs["service, near-free encoder (this checkout)"]

@@ -111,6 +111,12 @@ def test_it_measures_only_the_stack_ceiling_when_asked_against_a_baseline_in_tur
         "bare server, no model",
     }
     assert all(rate > 0 for rate in rates.values()), completed.stdout
+    # Each service's worker CPU by thread, the threads named from py-spy's dump.
+    threads = [line for line in completed.stdout.splitlines() if "workers' threads" in line]
+    assert len(threads) == 2, completed.stdout
+    for line in threads:
+        assert "request threads" in line, line
+        assert "embed-batcher" in line, line
     # The same code on both sides, in turns: the ratio and its rounds are printed, near 1.
     summary = next(line for line in completed.stdout.splitlines() if "the baseline's" in line)
     ratio = float(summary.split("serves ")[1].split("x")[0])
