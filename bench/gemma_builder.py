@@ -20,7 +20,7 @@ import argparse
 import gc
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -82,6 +82,25 @@ class _Spec:
     sliding_window_pattern: int
 
 
+# Same ratios (3 query heads sharing 1 KV head, FFN 1.5x hidden, dense 4x hidden) but small
+# enough to build in about a second. hidden must be divisible by the 3 heads (config check).
+# The pattern of 2 keeps both sliding and full-attention layers in only 4 layers, and the
+# window is small so long test inputs actually exercise the sliding-window mask.
+_TINY = _Spec(
+    vocab_size=_TOKENIZER_VOCAB_SIZE,
+    hidden_size=96,
+    intermediate_size=144,
+    num_hidden_layers=4,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=32,
+    sliding_window=64,
+    max_position_embeddings=512,
+    dense_size=384,
+    sliding_window_pattern=2,
+)
+
+
 _SPECS: dict[str, _Spec] = {
     # Exactly google/embeddinggemma-300m.
     "full": _Spec(
@@ -97,38 +116,18 @@ _SPECS: dict[str, _Spec] = {
         dense_size=3072,
         sliding_window_pattern=6,
     ),
-    # Same ratios (3 query heads sharing 1 KV head, FFN 1.5x hidden, dense 4x hidden) but small
-    # enough to build in about a second. hidden must be divisible by the 3 heads (config check).
-    # The pattern of 2 keeps both sliding and full-attention layers in only 4 layers, and the
-    # window is small so long test inputs actually exercise the sliding-window mask.
-    "tiny": _Spec(
-        vocab_size=_TOKENIZER_VOCAB_SIZE,
-        hidden_size=96,
-        intermediate_size=144,
-        num_hidden_layers=4,
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        head_dim=32,
-        sliding_window=64,
-        max_position_embeddings=512,
-        dense_size=384,
-        sliding_window_pattern=2,
-    ),
-    # The stack ceiling's near-free encoder (bench/service.py --ceiling): one sliding-attention
-    # layer, 8 wide per head. "tiny" is not near-free on a CPU: a traced pass of 8 short queries
-    # costs about 7 ms (~0.9 ms a text, a fifth of a metered request), "minimal" about 0.9 ms.
-    "minimal": _Spec(
-        vocab_size=_TOKENIZER_VOCAB_SIZE,
+    "tiny": _TINY,
+    # The stack ceiling's near-free encoder (bench/service.py --ceiling): "tiny" cut to one
+    # sliding-attention layer, 8 wide per head. "tiny" is not near-free on a CPU: a traced pass
+    # of 8 short queries costs about 7 ms (~0.9 ms a text, a fifth of a metered request),
+    # "minimal" about 0.9 ms.
+    "minimal": replace(
+        _TINY,
         hidden_size=24,
         intermediate_size=36,
         num_hidden_layers=1,
-        num_attention_heads=3,
-        num_key_value_heads=1,
         head_dim=8,
-        sliding_window=64,
-        max_position_embeddings=512,
         dense_size=96,
-        sliding_window_pattern=2,
     ),
 }
 

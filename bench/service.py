@@ -463,8 +463,8 @@ def main() -> None:
     if args.ceiling:
         from bench.gemma_builder import build_gemma_like_model
 
-        tiny_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-ceiling-"))
-        tiny = build_gemma_like_model(tiny_dir / "gemma", size=args.ceiling_model)
+        encoder_dir = Path(tempfile.mkdtemp(prefix="bench-gemma-ceiling-"))
+        encoder = build_gemma_like_model(encoder_dir / "gemma", size=args.ceiling_model)
         checkouts = [("this checkout", ROOT)]
         if args.baseline:
             checkouts.insert(0, ("baseline", args.baseline.resolve()))
@@ -472,7 +472,7 @@ def main() -> None:
         try:
             for label, checkout in checkouts:
                 try:
-                    services[label] = run_service(str(tiny), "fp32", checkout)
+                    services[label] = run_service(str(encoder), "fp32", checkout)
                 except RuntimeError as exc:
                     if label == "this checkout":
                         raise
@@ -485,9 +485,6 @@ def main() -> None:
             # The services take turns in short slices, in alternating order, so that both
             # sample the same moments of a machine whose speed drifts by +-20% within minutes.
             slices: dict[str, list[dict[str, Any]]] = {label: [] for label in services}
-            by_thread: dict[str, defaultdict[int, float]] = {
-                label: defaultdict(float) for label in services
-            }
             order = list(services)
             for round_number in range(args.rounds):
                 for label in order if round_number % 2 == 0 else order[::-1]:
@@ -498,16 +495,18 @@ def main() -> None:
                     threads_after = thread_cpu_seconds(service.process.pid)
                     after = cpu_seconds_by_process(service.process.pid)
                     run["cpu"] = {name: after[name] - before[name] for name in after}
+                    run["threads"] = {
+                        tid: seconds - threads_before.get(tid, 0.0)
+                        for tid, seconds in threads_after.items()
+                    }
                     slices[label].append(run)
-                    for tid, seconds in threads_after.items():
-                        by_thread[label][tid] += seconds - threads_before.get(tid, 0.0)
             for label, runs_of_label in slices.items():
                 row = merged(runs_of_label)
                 # Named once the rounds are over: request threads start as connections come.
                 roles = thread_roles(services[label].process.pid)
                 per_role: defaultdict[str, float] = defaultdict(float)
-                for tid, seconds in by_thread[label].items():
-                    per_role[roles.get(tid, "other")] += seconds * 1e6 / max(1, row["requests"])
+                for tid, us in row["threads_us"].items():
+                    per_role[roles.get(tid, "other")] += us
                 row["threads_us"] = dict(sorted(per_role.items(), key=lambda item: -item[1]))
                 ceiling_runs[f"service, near-free encoder ({label})"] = row
             if args.profile:
@@ -521,7 +520,7 @@ def main() -> None:
         finally:
             for service in services.values():
                 service.stop()
-            shutil.rmtree(tiny_dir, ignore_errors=True)
+            shutil.rmtree(encoder_dir, ignore_errors=True)
         process, url = start_bare({"BARE_MODEL": "free"})
         try:
             ceiling_runs["bare server, no model"] = one_text(
@@ -639,8 +638,13 @@ def print_model_runs(
 
 
 def merged(slices: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row of several slices of `load` (each with its "cpu" seconds by process)."""
+    """One row of several slices of `load`, each with its CPU seconds by process ("cpu") and
+    by worker thread id ("threads"): both become microseconds per request."""
     requests = sum(run["requests"] for run in slices)
+    by_thread: defaultdict[int, float] = defaultdict(float)
+    for run in slices:
+        for tid, seconds in run["threads"].items():
+            by_thread[tid] += seconds * 1e6 / max(1, requests)
     seconds = sum(run["seconds"] for run in slices)
     latencies = [latency for run in slices for latency in run["latencies"]]
     return {
@@ -653,6 +657,7 @@ def merged(slices: list[dict[str, Any]]) -> dict[str, Any]:
             name: sum(run["cpu"][name] for run in slices) * 1e6 / max(1, requests)
             for name in slices[0]["cpu"]
         },
+        "threads_us": dict(by_thread),
         "rounds": [{"requests_per_s": run["requests_per_s"]} for run in slices],
     }
 
