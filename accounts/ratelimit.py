@@ -9,6 +9,9 @@ Two counts, both before the model runs:
 2. `consume_tokens`, once the texts are tokenized: their tokens count against tokens per minute
    in a window that ends when the requests window does (one INCRBY in the common case).
 
+`count_request_with_tokens` does both at once, in one Redis round trip, for a small request the
+meter left uncounted until its tokens were known (accounts/metering/meter.py: `Meter.admit`).
+
 A request refused after step 2 (quota, a failed model) gets its tokens back (`refund_tokens`).
 
 Timing is never early. django-ratelimit's window named by its end second `w` still counts
@@ -31,7 +34,7 @@ from django.core.cache import caches
 from django_ratelimit.core import get_usage
 from rest_framework.request import Request
 
-from accounts.ratelimit_cache import add_to_counter, redis_of
+from accounts.ratelimit_cache import add_to_counter, redis_of, riding
 from accounts.selectors import Limits
 from embedplatform import metrics
 from embedplatform.errors import RateLimitExceeded, ServiceUnavailable
@@ -151,45 +154,125 @@ def _refuse(state: RateLimitState, message: str) -> RateLimitExceeded:
     )
 
 
+def _tenant_key(tenant_id: int) -> str:
+    return f"tenant:{tenant_id}"
+
+
+def _tokens_key(tenant_key: str, limits: Limits, end: int) -> str:
+    return f"{TOKENS_KEY_PREFIX}:{tenant_key}:{limits.tokens_per_minute}:{end}"
+
+
+def _requests_used(request: Request, tenant_key: str, limits: Limits) -> int:
+    """Counts the request in its tenant's requests window (django-ratelimit); the count after."""
+    try:
+        usage = get_usage(
+            request,
+            group=REQUESTS_GROUP,
+            key=lambda _group, _request: tenant_key,
+            rate=f"{limits.requests_per_minute}/{WINDOW_SECONDS}s",
+            increment=True,
+        )
+    except Exception as exc:
+        raise CacheUnavailable(str(exc)) from exc
+    if usage is None or usage.get("time_left", 0) < 0:
+        raise CacheUnavailable("the rate-limit cache did not answer")
+    return int(usage["count"])
+
+
+# Tenants whose requests window this process saw spent, with that window's end second: their
+# requests are counted on arrival (`may_count_with_tokens`), so a tenant past its limit is
+# refused before any work on its body. Bounded like the cache's own memory of counters.
+_spent_windows: dict[str, int] = {}
+_SPENT_PRUNE_AT = 10_000
+
+
+def _note_spent_window(tenant_key: str, end: int) -> None:
+    if len(_spent_windows) >= _SPENT_PRUNE_AT:
+        now = int(time.time())
+        for stale in [key for key, spent_end in _spent_windows.items() if spent_end < now]:
+            _spent_windows.pop(stale, None)
+    _spent_windows[tenant_key] = end
+
+
+def may_count_with_tokens(tenant_id: int) -> bool:
+    """Whether a request of this tenant may be counted together with its tokens (one round trip,
+    `count_request_with_tokens`) rather than on arrival: not while its window is known spent."""
+    end = _spent_windows.get(_tenant_key(tenant_id))
+    return end is None or end + 1 <= time.time()
+
+
+def _state(tenant_key: str, limits: Limits, requests_used: int) -> RateLimitState:
+    end = window_end(tenant_key)
+    return RateLimitState(
+        limit_requests=limits.requests_per_minute,
+        remaining_requests=limits.requests_per_minute - requests_used,
+        limit_tokens=limits.tokens_per_minute,
+        remaining_tokens=None,
+        window_end=end,
+        tokens_key=_tokens_key(tenant_key, limits, end),
+    )
+
+
+def _refuse_requests(state: RateLimitState, tenant_key: str) -> RateLimitExceeded:
+    _note_spent_window(tenant_key, state.window_end)
+    return _refuse(
+        with_remaining_tokens(state),
+        f"Rate limit of {state.limit_requests} requests per minute reached; "
+        "retry in {retry_after} s.",
+    )
+
+
 def count_request(*, request: Request, tenant_id: int, limits: Limits) -> RateLimitState | None:
     """Step 1: counts this request against the tenant's requests per minute.
 
     Raises RateLimitExceeded (429 with Retry-After) when the minute's requests are spent. When
     the cache is unreachable the outage is counted and logged, and the request goes on without
     limits (None) or is refused with 503, as RATE_LIMIT_FAIL_OPEN says."""
-    tenant_key = f"tenant:{tenant_id}"
+    tenant_key = _tenant_key(tenant_id)
     try:
-        try:
-            usage = get_usage(
-                request,
-                group=REQUESTS_GROUP,
-                key=lambda _group, _request: tenant_key,
-                rate=f"{limits.requests_per_minute}/{WINDOW_SECONDS}s",
-                increment=True,
-            )
-        except Exception as exc:
-            raise CacheUnavailable(str(exc)) from exc
-        if usage is None or usage.get("time_left", 0) < 0:
-            raise CacheUnavailable("the rate-limit cache did not answer")
+        used = _requests_used(request, tenant_key, limits)
     except CacheUnavailable as exc:
         _backend_failed(exc)
         return None
+    state = _state(tenant_key, limits, used)
+    if used > limits.requests_per_minute:
+        raise _refuse_requests(state, tenant_key)
+    return state
+
+
+def count_request_with_tokens(
+    *, request: Request, tenant_id: int, limits: Limits, tokens: int
+) -> RateLimitState | None:
+    """Steps 1 and 2 at once, for a request whose tokens are known before it was counted: both
+    counters change in one Redis round trip, the tokens riding on django-ratelimit's count of
+    the request. The outcome is the same as `count_request` then `consume_tokens`: refused for
+    its requests window first (its tokens given back), then for its tokens window."""
+    tenant_key = _tenant_key(tenant_id)
     end = window_end(tenant_key)
-    count = int(usage["count"])
-    state = RateLimitState(
-        limit_requests=limits.requests_per_minute,
-        remaining_requests=limits.requests_per_minute - count,
-        limit_tokens=limits.tokens_per_minute,
-        remaining_tokens=None,
-        window_end=end,
-        tokens_key=f"{TOKENS_KEY_PREFIX}:{tenant_key}:{limits.tokens_per_minute}:{end}",
-    )
-    if count > limits.requests_per_minute:
-        raise _refuse(
-            with_remaining_tokens(state),
-            f"Rate limit of {limits.requests_per_minute} requests per minute reached; "
-            "retry in {retry_after} s.",
-        )
+    tokens_key = _tokens_key(tenant_key, limits, end)
+    cache = caches[settings.RATELIMIT_USE_CACHE]
+    try:
+        with riding(
+            str(cache.make_key(tokens_key)),
+            tokens,
+            timeout=WINDOW_SECONDS + EXPIRATION_FUDGE,
+        ) as rider:
+            used = _requests_used(request, tenant_key, limits)
+    except CacheUnavailable as exc:
+        _backend_failed(exc)
+        return None
+    state = _state(tenant_key, limits, used)
+    if rider.count is None:  # it could not ride: counted as a step of its own
+        if used > limits.requests_per_minute:
+            raise _refuse_requests(state, tenant_key)
+        consume_tokens(state=state, tokens=tokens)
+        return state
+    state.tokens_charged = tokens
+    state.remaining_tokens = limits.tokens_per_minute - rider.count
+    if used > limits.requests_per_minute:
+        refund_tokens(state=state)
+        raise _refuse_requests(state, tenant_key)
+    _check_tokens(state, tokens=tokens, used=rider.count)
     return state
 
 
@@ -213,8 +296,16 @@ def consume_tokens(*, state: RateLimitState | None, tokens: int) -> None:
     except CacheUnavailable as exc:
         _backend_failed(exc)
         return
+    state.tokens_charged = tokens
+    _check_tokens(state, tokens=tokens, used=used)
+
+
+def _check_tokens(state: RateLimitState, *, tokens: int, used: int) -> None:
+    """Refuses (429) a request whose `tokens` took its window to `used`, past the limit; they
+    are taken back first. Else the headers learn what is left."""
     if used > state.limit_tokens:
         _take_back(state.tokens_key, tokens)  # nothing of a refused request counts
+        state.tokens_charged = 0
         state.remaining_tokens = state.limit_tokens - (used - tokens)
         if tokens > state.limit_tokens:
             raise _refuse(
@@ -227,7 +318,6 @@ def consume_tokens(*, state: RateLimitState | None, tokens: int) -> None:
             f"Rate limit of {state.limit_tokens} tokens per minute reached; "
             "retry in {retry_after} s.",
         )
-    state.tokens_charged = tokens
     state.remaining_tokens = state.limit_tokens - used
 
 

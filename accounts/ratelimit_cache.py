@@ -9,7 +9,8 @@ with no script (SET NX EX + INCRBY), which also creates the counter with that ti
 be gone after all (Redis restarted, or evicted it): a lost counter counts again from 1, as a new
 window does.
 
-The tokens-per-minute window adds its tokens the same way (`add_to_counter`).
+The tokens-per-minute window adds its tokens the same way (`add_to_counter`), in the same write
+as the request's own count when it can (`riding`): one round trip for both windows.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
@@ -56,7 +59,7 @@ def _connection_of(redis: Any) -> Any:
     if _kept.pool is not pool:
         # RESP2, whatever the pool speaks (redis-py 8 defaults to RESP3): no push frame, such as
         # RESP3's maintenance notifications, can come between the replies, which are then one
-        # line each (FailFastRedisConnection.read_line_replies).
+        # line each (FailFastRedisConnection.exchange_lines).
         resp2 = {**pool.connection_kwargs, "protocol": 2, "maint_notifications_config": None}
         _kept.pool, _kept.connection = pool, pool.connection_class(**resp2)
     connection = _kept.connection
@@ -78,26 +81,75 @@ def redis_of(cache: Any) -> Any | None:
     return get_client(write=True) if callable(get_client) else None
 
 
+Counter = tuple[str, int, int]  # full key, amount, timeout in seconds
+
+
 def add_to_counter(redis: Any, full_key: str, amount: int, *, timeout: int) -> int:
     """Adds `amount` to a counter, creating it with `timeout` seconds to live if it is not there
     (INCRBY keeps the expiry); the count after. One round trip, no script. django-redis stores
-    integers as plain numbers, so the cache's get, incr and decr read and change the same value.
-    Both commands go out in one write on a kept connection, rather than through
+    integers as plain numbers, so the cache's get, incr and decr read and change the same value."""
+    return add_to_counters(redis, [(full_key, amount, timeout)])[0]
+
+
+def add_to_counters(redis: Any, counters: list[Counter]) -> list[int]:
+    """`add_to_counter` for each of `counters`, all in one round trip; their counts after.
+    The commands go out in one write on a kept connection, rather than through
     `redis.pipeline()`, whose own cost is about a third of the call."""
     connection = _connection_of(redis)
+    payload = b"".join(
+        _counter_commands(key.encode(), amount, timeout) for key, amount, timeout in counters
+    )
     try:
-        connection.send_packed_command([_counter_commands(full_key.encode(), amount, timeout)])
-        read_line_replies = getattr(connection, "read_line_replies", None)
-        if read_line_replies is None:  # a connection class configured otherwise
-            connection.read_response()
-            return int(connection.read_response())
-        created, count = read_line_replies(2)
-        if created not in _SET_NX_REPLIES or not count.startswith(b":"):
-            raise RedisConnectionError("Redis answered a counter with something unexpected.")
-        return int(count[1:])
+        exchange_lines = getattr(connection, "exchange_lines", None)
+        if exchange_lines is None:  # a connection class configured otherwise
+            connection.send_packed_command([payload])
+            counts = []
+            for _ in counters:
+                connection.read_response()
+                counts.append(int(connection.read_response()))
+            return counts
+        replies = exchange_lines(payload, 2 * len(counters))
+        counts = []
+        for created, count in zip(replies[::2], replies[1::2], strict=True):
+            if created not in _SET_NX_REPLIES or not count.startswith(b":"):
+                raise RedisConnectionError("Redis answered a counter with something unexpected.")
+            counts.append(int(count[1:]))
+        return counts
     except BaseException:
         connection.disconnect()  # a reply may still be on its way: never read it as the next one
         raise
+
+
+class Rider:
+    """A counter that goes to Redis with the next request count of this thread (`riding`)."""
+
+    __slots__ = ("amount", "count", "full_key", "timeout")
+
+    def __init__(self, full_key: str, amount: int, timeout: int) -> None:
+        self.full_key = full_key
+        self.amount = amount
+        self.timeout = timeout
+        # The counter's count after the ride; None while it has not ridden (the cache counted
+        # the request otherwise: the window's first request, a cache that is not Redis).
+        self.count: int | None = None
+
+
+class _Riding(threading.local):
+    rider: Rider | None = None
+
+
+_riding = _Riding()
+
+
+@contextmanager
+def riding(full_key: str, amount: int, *, timeout: int) -> Iterator[Rider]:
+    """Adds `amount` to the counter `full_key` in the same round trip as the request count that
+    django-ratelimit makes in this block (through `RateLimitCache.incr`), if it makes one."""
+    rider = _riding.rider = Rider(full_key, amount, timeout)
+    try:
+        yield rider
+    finally:
+        _riding.rider = None
 
 
 # SET ... NX answers OK (the counter was created) or a null (it was there), in RESP2.
@@ -172,4 +224,11 @@ class RateLimitCache(RedisCache):
                     ignore_key_check=ignore_key_check,
                 )
             )
-        return add_to_counter(redis_of(self), full_key, delta, timeout=seen[1])
+        rider = _riding.rider
+        if rider is None or rider.count is not None:
+            return add_to_counter(redis_of(self), full_key, delta, timeout=seen[1])
+        count, rider.count = add_to_counters(
+            redis_of(self),
+            [(full_key, delta, seen[1]), (rider.full_key, rider.amount, rider.timeout)],
+        )
+        return count

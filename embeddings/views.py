@@ -54,6 +54,7 @@ class MeteredEmbedView(BrowsableForm, MeteredAPIView):
     Subclasses say which texts a valid body holds (`texts`) and how to answer (`render`)."""
 
     texts_param = "texts"
+    counts_requests_with_tokens = True
     permission_classes = [IsAuthenticated, HasActiveTenant]
     renderer_classes = [VectorJSONRenderer, BrowsableAPIRenderer]
     serializer_class: type[serializers.Serializer]

@@ -3,6 +3,9 @@ settings can name the connection class)."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -63,29 +66,36 @@ class FailFastRedisConnection(_RedisConnection):
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         return self._guarded(super().read_response, *args, **kwargs)
 
-    def read_line_replies(self, count: int) -> list[bytes]:
-        """The next `count` replies, each known to be one line (a status, an integer, a null or
-        an error: what SET NX and INCRBY answer), without their type byte's meaning applied.
-        Read straight from the socket: redis-py's general reader costs several times the rest
-        of a rate-limit count, and the caller never leaves a reply unread on this connection
+    def exchange_lines(self, payload: bytes, count: int) -> list[bytes]:
+        """Sends `payload` (commands in Redis' wire format) and returns the next `count`
+        replies, each known to be one line (a status, an integer, a null or an error: what SET
+        NX and INCRBY answer), without their type byte's meaning applied. Read straight from
+        the socket: redis-py's general reader costs several times the rest of a rate-limit
+        count, and the caller never leaves a reply unread on this connection
         (accounts/ratelimit_cache.py), so no reader holds buffered data for it."""
-        return list(self._guarded(self._read_lines, count))
+        return list(self._guarded(self._exchange_lines, payload, count))
 
-    def _read_lines(self, count: int) -> list[bytes]:
+    def _exchange_lines(self, payload: bytes, count: int) -> list[bytes]:
+        if self._sock is None:
+            self.connect()
         sock = self._sock
         if sock is None:
             raise _RedisConnectionError("Not connected to Redis.")
+        if sock.gettimeout() is not None and not isinstance(sock, ssl.SSLSocket):
+            _use_kernel_timeouts(sock, self.socket_timeout)
         data = b""
         try:
+            sock.sendall(payload)
             while data.count(b"\r\n") < count:
                 chunk = sock.recv(4096)
                 if not chunk:
                     raise _RedisConnectionError("Connection closed by server.")
                 data += chunk
-        except TimeoutError as exc:  # the socket's timeout (REDIS_SOCKET_TIMEOUT)
-            raise _RedisTimeoutError("Timeout reading from Redis.") from exc
+        # The socket's timeout (REDIS_SOCKET_TIMEOUT): Python's, or the kernel's (EAGAIN).
+        except (TimeoutError, BlockingIOError) as exc:
+            raise _RedisTimeoutError("Timeout talking to Redis.") from exc
         except OSError as exc:
-            raise _RedisConnectionError(f"Error while reading from Redis: {exc}") from exc
+            raise _RedisConnectionError(f"Error while talking to Redis: {exc}") from exc
         *lines, rest = data.split(b"\r\n")
         if rest or len(lines) != count:
             raise _RedisConnectionError("Redis sent more than the replies awaited.")
@@ -95,6 +105,21 @@ class FailFastRedisConnection(_RedisConnection):
                 error: Exception = self._parser.parse_error(line[1:].decode(errors="replace"))
                 raise error
         return lines
+
+
+def _use_kernel_timeouts(sock: socket.socket, seconds: float | None) -> None:
+    """Makes a plain TCP socket blocking, bounded by the kernel's send and receive timeouts
+    instead of Python's. With Python's, each send and each receive is a poll() and then the
+    call, and each of the two lets the GIL go: among busy request threads, taking it back
+    costs more than the call. redis-py restores Python's timeout when it uses the socket
+    itself (its health check); the next exchange comes back here."""
+    if seconds is None:
+        return
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class FailFastSSLRedisConnection(FailFastRedisConnection, _RedisSSLConnection):

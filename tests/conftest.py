@@ -281,6 +281,8 @@ def frozen_rate_window(monkeypatch: pytest.MonkeyPatch) -> None:
     frozen = types.SimpleNamespace(time=lambda: now)
     monkeypatch.setattr(accounts.ratelimit, "time", frozen)
     monkeypatch.setattr(django_ratelimit.core, "time", frozen)
+    # Which tenants' windows this process saw spent is the test's own business.
+    monkeypatch.setattr(accounts.ratelimit, "_spent_windows", {})
 
 
 @pytest.fixture

@@ -175,7 +175,7 @@ def test_it_counts_over_resp2_on_its_kept_connection_whatever_the_pool_speaks() 
     assert add_to_counter(redis, key, 4, timeout=60) == 4
     kept = _connection_of(redis)
     assert str(kept.protocol) == "2"
-    assert kept.read_line_replies.__self__ is kept  # the reader of our connection class
+    assert kept.exchange_lines.__self__ is kept  # the reader of our connection class
     assert add_to_counter(redis, key, 1, timeout=60) == 5
 
 
@@ -221,13 +221,14 @@ def redis_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     from embedplatform.fault_state import FailFastRedisConnection
 
     sent = [0]
-    send = FailFastRedisConnection.send_packed_command
+    for name in ("send_packed_command", "exchange_lines"):
+        send = getattr(FailFastRedisConnection, name)
 
-    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        sent[0] += 1
-        return send(self, *args, **kwargs)
+        def counting(self: Any, *args: Any, _send: Any = send, **kwargs: Any) -> Any:
+            sent[0] += 1
+            return _send(self, *args, **kwargs)
 
-    monkeypatch.setattr(FailFastRedisConnection, "send_packed_command", counting)
+        monkeypatch.setattr(FailFastRedisConnection, name, counting)
     return sent
 
 
@@ -237,6 +238,94 @@ def test_it_counts_a_request_in_one_redis_round_trip(redis_round_trips: list[int
         before = redis_round_trips[0]
         assert count_requests(tenant_id) == [expected]
         assert redis_round_trips[0] - before == 1
+
+
+def test_it_counts_a_query_and_its_tokens_in_one_redis_round_trip(
+    alice: Person, fake_encoder: FakeEncoder, redis_round_trips: list[int]
+) -> None:
+    limit(alice.tenant, requests=100, tokens=1000)
+    assert embed(alice).status_code == 200  # the window's first request makes its counters
+    before = redis_round_trips[0]
+
+    served = embed(alice)
+
+    assert served.status_code == 200
+    assert redis_round_trips[0] - before == 1
+    assert served["x-ratelimit-remaining-requests"] == "98"
+    assert served["x-ratelimit-remaining-tokens"] == "992"
+
+
+def test_it_gives_back_the_tokens_of_a_request_past_the_requests_limit(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    limit(alice.tenant, requests=2, tokens=1000)
+    assert embed(alice).status_code == embed(alice).status_code == 200
+
+    refused = embed(alice)  # counted with its tokens, which are then taken back
+
+    assert_error(refused, 429, code="rate_limit_exceeded")
+    assert refused["x-ratelimit-remaining-tokens"] == "992"
+    assert embed(alice)["x-ratelimit-remaining-tokens"] == "992"
+    assert fake_encoder.texts_encoded == 2
+
+
+@pytest.fixture
+def tokenized_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts tokenized from here on."""
+    from embeddings.runtime import Runtime
+
+    seen: list[str] = []
+    tokenize = Runtime.tokenize
+
+    def recording(self: Runtime, texts: list[str], **kwargs: Any) -> Any:
+        seen.extend(texts)
+        return tokenize(self, texts, **kwargs)
+
+    monkeypatch.setattr(Runtime, "tokenize", recording)
+    return seen
+
+
+def test_it_refuses_a_tenant_known_past_its_limit_before_any_work_on_its_body(
+    alice: Person, fake_encoder: FakeEncoder, tokenized_texts: list[str]
+) -> None:
+    limit(alice.tenant, requests=1)
+    assert embed(alice, "first").status_code == 200
+    assert embed(alice, "second").status_code == 429  # counted with its tokens: tokenized
+
+    assert_error(embed(alice, "third"), 429, code="rate_limit_exceeded")
+
+    assert tokenized_texts == ["first", "second"]
+    assert UsageLog.objects.filter(status_code=429).count() == 2
+
+
+def test_it_counts_a_large_request_on_arrival_before_any_work_on_its_body(
+    alice: Person, fake_encoder: FakeEncoder, tokenized_texts: list[str]
+) -> None:
+    from accounts.metering.meter import COUNT_WITH_TOKENS_MAX_BODY
+
+    limit(alice.tenant, requests=1)
+    assert embed(alice, "first").status_code == 200
+    large = "word " * (COUNT_WITH_TOKENS_MAX_BODY // 5)
+
+    assert_error(embed(alice, large), 429, code="rate_limit_exceeded")
+
+    assert tokenized_texts == ["first"]
+
+
+def test_it_answers_an_invalid_request_past_the_limit_with_429(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    limit(alice.tenant, requests=1)
+    assert embed(alice).status_code == 200
+
+    refused = Client().post(
+        "/embed", {"text": ""}, content_type="application/json", **alice.client_headers
+    )
+
+    assert_error(refused, 429, code="rate_limit_exceeded")
+    assert set(ALL_HEADERS) <= {name.lower() for name in refused.headers}
+    row = UsageLog.objects.get(status_code=429)
+    assert (row.tokens, row.error_type) == (0, "rate_limit_exceeded")
 
 
 def test_it_counts_from_one_again_when_a_windows_counter_is_lost() -> None:

@@ -12,11 +12,13 @@ and the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 from django.http.response import HttpResponseBase
+from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 
 from accounts import ratelimit
@@ -28,6 +30,19 @@ from embedplatform import metrics
 from embedplatform.errors import PayloadTooLarge
 
 Outcome = Literal["served", "refused"]
+
+# The largest body whose request may be counted with its tokens, after parsing and tokenizing:
+# a 1-text query is well under it, and a tenant past its limit can make this process do at
+# most this much work per request before its 429 (then its window is known spent here).
+COUNT_WITH_TOKENS_MAX_BODY = 16 * 1024
+
+
+def _body_length(request: Request) -> int:
+    """The body's declared length; unknown (chunked) counts as too large."""
+    try:
+        return int(request._request.META.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        return COUNT_WITH_TOKENS_MAX_BODY + 1
 
 
 @dataclass
@@ -42,6 +57,8 @@ class Meter:
     inputs: int = 0
     tokens: int = 0
     outcome: Outcome | None = None
+    # The request `admit` left to be counted with its tokens; None once counted.
+    _uncounted: Request | None = None
     # Milliseconds per phase, sent back as Server-Timing so callers (and bench/) can see where a
     # request's time went: the identity layer versus the model.
     timings: dict[str, float] = field(default_factory=dict)
@@ -59,10 +76,35 @@ class Meter:
         assert self.caller.tenant is not None
         return self.caller.tenant
 
-    def admit(self, request: Request) -> None:
-        """The tenant's limits, and this request against its requests per minute (429)."""
+    def admit(self, request: Request, *, count_with_tokens: bool = False) -> None:
+        """The tenant's limits, and this request against its requests per minute (429).
+
+        With `count_with_tokens` a small request is counted later, in one Redis round trip with
+        its tokens (`reserve`), or when it is refused before that (`count_late`): either way
+        it counts once, and a request past the limit is answered 429 whatever else is wrong
+        with it. A large one, or one of a tenant whose window this process saw spent, is
+        counted now, before any work on its body."""
         with self.timed("ratelimit"):
             self.limits = effective_limits(self.tenant)
+            if (
+                count_with_tokens
+                and _body_length(request) <= COUNT_WITH_TOKENS_MAX_BODY
+                and ratelimit.may_count_with_tokens(self.tenant.pk)
+            ):
+                self._uncounted = request
+                return
+            self.rate_limit = ratelimit.count_request(
+                request=request, tenant_id=self.tenant.pk, limits=self.limits
+            )
+
+    def count_late(self) -> None:
+        """Counts a request that `admit` left uncounted and that ends before `reserve`: it
+        counts against requests per minute like any other (429 past the limit)."""
+        request, self._uncounted = self._uncounted, None
+        if request is None:
+            return
+        assert self.limits is not None
+        with self.timed("ratelimit"):
             self.rate_limit = ratelimit.count_request(
                 request=request, tenant_id=self.tenant.pk, limits=self.limits
             )
@@ -83,7 +125,14 @@ class Meter:
         """The tokens against tokens per minute (429), then the monthly quota pre-check (429)."""
         self.tokens = tokens
         with self.timed("ratelimit"):
-            ratelimit.consume_tokens(state=self.rate_limit, tokens=tokens)
+            request, self._uncounted = self._uncounted, None
+            if request is None:
+                ratelimit.consume_tokens(state=self.rate_limit, tokens=tokens)
+            else:
+                assert self.limits is not None
+                self.rate_limit = ratelimit.count_request_with_tokens(
+                    request=request, tenant_id=self.tenant.pk, limits=self.limits, tokens=tokens
+                )
         with self.timed("quota"):
             ledger.check_quota(tenant_id=self.tenant.pk, tokens=tokens)
 
@@ -123,6 +172,9 @@ class Meter:
     def finish(self, response: HttpResponseBase) -> None:
         """Puts the outcome on the response, whatever it was: DRF's Response, or the plain
         HttpResponse the embed views answer API clients with."""
+        if self._uncounted is not None:  # ended without `reserve` or an exception: counted now
+            with contextlib.suppress(APIException):  # it has its answer already
+                self.count_late()
         status_code = response.status_code
         error_type = ""
         if status_code >= 400:

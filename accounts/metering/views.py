@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -22,6 +23,9 @@ class MeteredAPIView(APIView):
 
     endpoint = ""
     meter: Meter | None = None
+    # Whether a request may count against requests per minute together with its tokens, in one
+    # round trip (Meter.admit): for views whose service calls `Meter.reserve`.
+    counts_requests_with_tokens = False
 
     def served_model(self) -> str:
         """The model name the usage log records."""
@@ -39,7 +43,15 @@ class MeteredAPIView(APIView):
         )
         with meter.timed("auth"):  # authentication (which decides the tenant), permissions
             super().initial(request, *args, **kwargs)
-        meter.admit(request)
+        meter.admit(request, count_with_tokens=self.counts_requests_with_tokens)
+
+    def handle_exception(self, exc: Exception) -> Response:
+        if self.meter is not None:
+            try:
+                self.meter.count_late()
+            except APIException as refusal:  # past the limit (429), or no cache and fail-closed
+                exc = refusal
+        return super().handle_exception(exc)
 
     def perform_authentication(self, request: Request) -> None:
         super().perform_authentication(request)
