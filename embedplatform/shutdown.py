@@ -25,6 +25,8 @@ was cut without an answer or a usage row. Here:
 from __future__ import annotations
 
 import os
+import select
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,6 +39,10 @@ SHUTDOWN_MARGIN_SECONDS = 3.0
 
 # How often a waiting request looks whether its worker started stopping.
 _POLL_SECONDS = 1.0
+
+# How long a request thread waits for the next request on its kept-alive connection before
+# handing the connection back to gunicorn's poller (GracefulThreadWorker.handle).
+KEEPALIVE_LINGER_SECONDS = 0.1
 
 _deadline: float | None = None
 
@@ -65,21 +71,126 @@ def encode_wait_seconds(default: float) -> float:
 
 
 try:
+    from gunicorn import util as gunicorn_util
+    from gunicorn.http.body import LengthReader
+    from gunicorn.http.wsgi import Response as GunicornResponse
     from gunicorn.workers.gthread import ThreadWorker
 except ImportError:  # pragma: no cover - not under gunicorn
-    ThreadWorker = object
+    ThreadWorker = GunicornResponse = LengthReader = object
+
+
+class OneWriteResponse(GunicornResponse):
+    """gunicorn's HTTP/1 response, sending its status line and headers with the body when the
+    body comes in one piece of known length (as Django's responses do): one system call, not
+    two, each of which lets the GIL go among busy request threads. Anything else (chunked,
+    bodiless, a file) goes gunicorn's own way."""
+
+    headers_sent: bool
+
+    def write(self, arg: bytes) -> None:
+        if (
+            self.headers_sent
+            or self.chunked
+            or self._omits_body
+            or not isinstance(arg, bytes)
+            or not arg
+            or self.response_length is None
+            or len(arg) > self.response_length
+        ):
+            super().write(arg)
+            return
+        # gunicorn's send_headers, with the body appended.
+        head = self.default_headers()
+        head.extend([f"{name}: {value}\r\n" for name, value in self.headers])
+        header = gunicorn_util.to_bytestring("{}\r\n".format("".join(head)), "latin-1")
+        self.headers_sent = True
+        self.sent += len(arg)
+        gunicorn_util.write(self.sock, header + arg)
 
 
 class GracefulThreadWorker(ThreadWorker):
+    # gunicorn's event loop turns once per event (each request done, each connection ready), and
+    # every turn touched the heartbeat file and asked for the parent's pid: four system calls
+    # per request on the thread that hands out connections. Both are needed only well within
+    # the worker timeout (the arbiter's, and how soon an orphan notices).
+    _heartbeat_seconds = 0.5
+    _last_notify = float("-inf")
+    _last_parent_check = float("-inf")
+
+    def notify(self) -> None:
+        now = time.monotonic()
+        if now - self._last_notify >= min(self._heartbeat_seconds, self.timeout / 4):
+            self._last_notify = now
+            super().notify()
+
+    def is_parent_alive(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_parent_check < self._heartbeat_seconds:
+            return True
+        self._last_parent_check = now
+        return bool(super().is_parent_alive())
+
     def init_process(self) -> None:
         # gunicorn answers a request it cannot parse itself, through this module-level writer
         # (HTML by default); swapped here, in the worker's own process, for the API's JSON.
         from gunicorn import util
+        from gunicorn.http import wsgi
 
         from embedplatform.http_errors import write_json_error
 
         util.write_error = write_json_error
+        # The response class wsgi.create builds for HTTP/1 (it reads the module's name).
+        wsgi.Response = OneWriteResponse
+        self._lingering = 0
+        self._linger_lock = threading.Lock()
         super().init_process()
+
+    def handle(self, conn: Any) -> Any:
+        # A kept-alive connection goes back to the main thread's poller after each response,
+        # and its next request comes back through the thread pool: a pipe write, two wake-ups
+        # of the main thread and one of a pool thread, a dozen system calls, each letting the
+        # GIL go among busy request threads. A client that sends its next request at once
+        # (what a loaded API client does) is served by this thread instead.
+        keepalive = super().handle(conn)
+        while keepalive is True and self._next_request_arrives(conn):
+            keepalive = super().handle(conn)
+        return keepalive
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # gunicorn drains what the app left of the body under a deadline, setting the socket's
+        # timeout twice (two system calls) even when nothing is left, as after every request
+        # whose body Django read to its announced length.
+        body: Any = getattr(conn.parser.mesg, "body", None)
+        if (
+            keepalive
+            and isinstance(getattr(body, "reader", None), LengthReader)
+            and body.reader.length == 0
+            and not body.buf.tell()
+            and not body.failed
+        ):
+            return True
+        return bool(super()._keepalive_after(conn, keepalive))
+
+    def _next_request_arrives(self, conn: Any) -> bool:
+        """Whether `conn`'s next request arrives within KEEPALIVE_LINGER_SECONDS, waited for
+        here while at most half the threads do so (the rest serve new connections)."""
+        if not self.alive or conn.is_http2:
+            return False
+        if conn.parser.unreader.buf.getvalue():  # read ahead already, with the last body
+            return True
+        with self._linger_lock:
+            if self._lingering >= self.cfg.threads // 2:
+                return False
+            self._lingering += 1
+        try:
+            poller = select.poll()
+            poller.register(conn.sock, select.POLLIN)
+            return bool(poller.poll(KEEPALIVE_LINGER_SECONDS * 1000))
+        except (OSError, ValueError):  # closed meanwhile: the main thread's path decides
+            return False
+        finally:
+            with self._linger_lock:
+                self._lingering -= 1
 
     def handle_exit(self, sig: Any, frame: Any) -> None:
         if self.alive:
