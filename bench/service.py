@@ -13,9 +13,11 @@
    per request, no auth, no accounting) under the same clients, in the same run.
 4. With --ceiling, the stack's own limit: the same service with a near-free encoder (the minimal
    EmbeddingGemma-architecture model: one small layer) in requests/s, next to the bare server
-   answering a constant vector (no model at all). With --baseline DIR, another checkout's
-   service runs too; the services take turns in --rounds slices each, in alternating order, so
-   that the ratio compares the same moments of the machine.
+   answering a constant vector (no model at all), both loaded by bench/raw_load.py (one thread
+   of prebuilt requests, whose own CPU per request is printed: it shares the cores). With
+   --baseline DIR, another checkout's service runs too; the services take turns in --rounds
+   slices each, in alternating order, so that the ratio compares the same moments of the
+   machine.
 5. With --profile, py-spy samples the service's workers during the short 1-text run and prints
    the CPU per request by part: HTTP parsing, middleware, DRF, authentication, metering, Redis,
    SQL, tokenization, model, batcher hand-off, rendering, metrics, logging.
@@ -58,6 +60,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["MODEL_LOAD_ON_START"] = "false"
 os.environ.setdefault("CACHE_KEY_PREFIX", f"bench-{os.getpid()}")
 
+from bench import raw_load  # noqa: E402
 from bench.cpu_profile import (  # noqa: E402
     cpu_seconds_by_process,
     profiled,
@@ -391,6 +394,15 @@ def main() -> None:
             workload=workload,
         )
 
+    def ceiling_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
+        """1-text short requests from bench/raw_load.py, whose own CPU takes little from the
+        service on the same cores (the ceiling measures the service, not its clients)."""
+        host, port = url.removeprefix("http://").split(":")
+        requests = raw_load.prebuilt_requests(
+            short_queries(512, seed=11), host=host, port=int(port), path="/embed", token=token
+        )
+        return raw_load.run(url, requests, clients=clients, seconds=seconds)
+
     runs: dict[str, dict[str, Any]] = {}
     profile: list[tuple[str, float]] = []
     bare: dict[str, dict[str, Any]] = {}
@@ -481,7 +493,7 @@ def main() -> None:
                     plain = [line for line in str(exc).splitlines() if line[:1] not in "{ "]
                     failures[label] = (plain or ["see its log"])[-1][:200]
             for service in services.values():
-                one_text(service.url, "short", args.clients, 2)
+                ceiling_load(service.url, args.clients, 2)
             # The services take turns in short slices, in alternating order, so that both
             # sample the same moments of a machine whose speed drifts by +-20% within minutes.
             slices: dict[str, list[dict[str, Any]]] = {label: [] for label in services}
@@ -491,7 +503,7 @@ def main() -> None:
                     service = services[label]
                     before = cpu_seconds_by_process(service.process.pid)
                     threads_before = thread_cpu_seconds(service.process.pid)
-                    run = one_text(service.url, "short", args.clients, args.seconds / args.rounds)
+                    run = ceiling_load(service.url, args.clients, args.seconds / args.rounds)
                     threads_after = thread_cpu_seconds(service.process.pid)
                     after = cpu_seconds_by_process(service.process.pid)
                     run["cpu"] = {name: after[name] - before[name] for name in after}
@@ -523,9 +535,7 @@ def main() -> None:
             shutil.rmtree(encoder_dir, ignore_errors=True)
         process, url = start_bare({"BARE_MODEL": "free"})
         try:
-            ceiling_runs["bare server, no model"] = one_text(
-                url, "short", args.clients, args.seconds
-            )
+            ceiling_runs["bare server, no model"] = ceiling_load(url, args.clients, args.seconds)
         finally:
             stop(process)
 
@@ -540,8 +550,8 @@ def main() -> None:
             dtype=dtype,
         )
     if ceiling_runs:
-        print("\nstack ceiling, 1-text short requests")
-        print("  (CPU per request, of gunicorn / PostgreSQL / Redis)")
+        print("\nstack ceiling, 1-text short requests (bench/raw_load.py)")
+        print("  (CPU per request, of gunicorn / PostgreSQL / Redis, and of the load generator)")
         for name, run in ceiling_runs.items():
             cpu = run.get("cpu_us")
             costs = (
@@ -551,7 +561,7 @@ def main() -> None:
             )
             print(
                 f"  {name:<42} {run['requests_per_s']:8.1f} req/s  p50 {run['p50']:.1f} ms  "
-                f"p99 {run['p99']:.1f} ms{costs}"
+                f"p99 {run['p99']:.1f} ms{costs}  (the clients: {run['client_cpu_us']:.0f} us)"
             )
             if run.get("failures"):
                 print(f"    {len(run['failures'])} failed requests, first: {run['failures'][0]}")
@@ -658,6 +668,8 @@ def merged(slices: list[dict[str, Any]]) -> dict[str, Any]:
             for name in slices[0]["cpu"]
         },
         "threads_us": dict(by_thread),
+        "client_cpu_us": sum(run["client_cpu_us"] * run["requests"] for run in slices)
+        / max(1, requests),
         "rounds": [{"requests_per_s": run["requests_per_s"]} for run in slices],
     }
 

@@ -7,9 +7,11 @@ runs stay out of CI.
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,6 +125,67 @@ def test_it_measures_only_the_stack_ceiling_when_asked_against_a_baseline_in_tur
     assert 0.2 < ratio < 5, summary
     assert "(rounds: " in summary, summary
     assert "less CPU per request" in summary, summary
+    # What the load generator itself cost, on the same cores.
+    clients = [float(line.split("(the clients: ")[1].split()[0]) for line in rates_lines(completed)]
+    assert len(clients) == 3, completed.stdout
+    assert all(cost > 0 for cost in clients), completed.stdout
+
+
+def rates_lines(completed: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in completed.stdout.splitlines() if "req/s  p50" in line]
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """Answers every 4th POST 429, the rest 200; with `close` set, closes after each answer."""
+
+    protocol_version = "HTTP/1.1"
+    close = False
+    answered = 0
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            type(self).answered += 1
+            status = 429 if type(self).answered % 4 == 0 else 200
+        body = b'{"embedding": [0.1]}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.close:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = self.close
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection: close"])
+def test_it_loads_a_server_from_one_thread_and_says_what_that_cost(close: bool) -> None:
+    from bench import raw_load
+
+    handler: type[_Answering] = type("Handler", (_Answering,), {"close": close, "answered": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        port = server.server_address[1]
+        requests = raw_load.prebuilt_requests(
+            ["first text", "second text"], host="127.0.0.1", port=port, path="/embed", token="t"
+        )
+        run = raw_load.run(url, requests, clients=3, seconds=0.5)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert run["requests"] > 10
+    assert run["requests"] + len(run["failures"]) == handler.answered
+    assert run["failures"]
+    assert all(failure.startswith("429 ") for failure in run["failures"])
+    assert 0 < run["p50"] <= run["p99"]
+    assert run["client_cpu_us"] > 0
 
 
 def test_it_reads_the_cpu_a_service_process_tree_spent() -> None:

@@ -1,0 +1,140 @@
+"""A load generator that costs the machine little: 1-text requests from one thread of
+non-blocking keep-alive sockets, each request's bytes built before the clock starts.
+
+The stack ceiling (bench/service.py --ceiling) measures how many requests per second the
+service itself can serve. Its clients run on the same cores, so whatever they cost is taken from
+the service: 16 threads of `http.client` (bench/service.py's `load`, which also parses each
+response's headers) cost about 300 us of CPU per request here, a tenth of what a metered
+request costs and more than a third of what the bare server's does. This one costs a fraction
+of that, and prints how much (`client_cpu_us`), so the ratios compare the servers, not the
+clients.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import selectors
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_CLOSES = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+
+
+def prebuilt_requests(
+    texts: list[str], *, host: str, port: int, path: str, token: str
+) -> list[bytes]:
+    """Each text as a whole HTTP/1.1 request: /embed's body, or /batch-embed's with one text."""
+    requests = []
+    for text in texts:
+        body = json.dumps({"text": text} if path == "/embed" else {"texts": [text]}).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        requests.append(head.encode("latin-1") + body)
+    return requests
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    next_request: int
+    started: float = 0.0
+    received: bytearray = field(default_factory=bytearray)
+
+
+def run(
+    url: str, requests: list[bytes], *, clients: int, seconds: float, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Keeps `clients` requests in flight for `seconds`, each client on its own keep-alive
+    connection sending the next of `requests` as soon as its answer is whole. Returns the
+    requests/s, the latency percentiles (ms), the failed answers and the CPU per request."""
+    host, port_text = url.removeprefix("http://").split(":")
+    port = int(port_text)
+    selector = selectors.DefaultSelector()
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def connect(first_request: int) -> _Client:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setblocking(False)
+        client = _Client(sock=sock, next_request=first_request)
+        selector.register(sock, selectors.EVENT_READ, client)
+        return client
+
+    def send_next(client: _Client) -> None:
+        client.started = time.perf_counter()
+        client.sock.sendall(requests[client.next_request % len(requests)])
+        client.next_request += 1
+
+    cpu_started = time.thread_time()
+    started = time.perf_counter()
+    deadline = started + seconds
+    for number in range(clients):
+        send_next(connect(number * 37))
+    open_clients = clients
+    while open_clients:
+        events = selector.select(timeout=timeout)
+        if not events:
+            failures.append(f"no answer in {timeout} s")
+            break
+        for key, _ in events:
+            client: _Client = key.data
+            chunk = client.sock.recv(262144)
+            client.received += chunk
+            closes = not chunk
+            while (end := client.received.find(b"\r\n\r\n")) >= 0:
+                head = bytes(client.received[: end + 2])
+                length_match = _CONTENT_LENGTH.search(head)
+                length = int(length_match.group(1)) if length_match else 0
+                if len(client.received) < end + 4 + length:
+                    break
+                body = bytes(client.received[end + 4 : end + 4 + length])
+                del client.received[: end + 4 + length]
+                now = time.perf_counter()
+                status = int(head[9:12])
+                if status == 200:
+                    latencies.append((now - client.started) * 1000)
+                else:
+                    failures.append(f"{status} {body[:200]!r}")
+                closes = closes or bool(_CLOSES.search(head))
+                if now < deadline and not closes:
+                    send_next(client)
+                elif not closes:
+                    closes = True  # done: the clock ran out
+            if closes:
+                selector.unregister(client.sock)
+                client.sock.close()
+                open_clients -= 1
+                if not chunk:
+                    failures.append("the server closed a connection with a request in flight")
+                if time.perf_counter() < deadline:  # closed by the server: a new connection
+                    send_next(connect(client.next_request))
+                    open_clients += 1
+    wall = time.perf_counter() - started
+    cpu = time.thread_time() - cpu_started
+    selector.close()
+    ordered = sorted(latencies)
+
+    def percentile(q: float) -> float:
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+    return {
+        "requests_per_s": len(latencies) / wall,
+        "sentences_per_s": len(latencies) / wall,
+        "requests": len(latencies),
+        "failures": failures,
+        "p50": percentile(50),
+        "p95": percentile(95),
+        "p99": percentile(99),
+        "latencies": latencies,
+        "seconds": wall,
+        "client_cpu_us": cpu * 1e6 / max(1, len(latencies)),
+    }
