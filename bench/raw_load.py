@@ -88,21 +88,29 @@ def run(
             chunk = client.sock.recv(262144)
             client.received += chunk
             closes = not chunk
+            answered = False
             while (end := client.received.find(b"\r\n\r\n")) >= 0:
                 head = bytes(client.received[: end + 2])
                 length_match = _CONTENT_LENGTH.search(head)
-                length = int(length_match.group(1)) if length_match else 0
+                closing = bool(_CLOSES.search(head))
+                if length_match:
+                    length = int(length_match.group(1))
+                elif closing and chunk:
+                    break  # no length: the body ends where the connection does
+                else:
+                    length = len(client.received) - end - 4
                 if len(client.received) < end + 4 + length:
                     break
                 body = bytes(client.received[end + 4 : end + 4 + length])
                 del client.received[: end + 4 + length]
+                answered = True
                 now = time.perf_counter()
                 status = int(head[9:12])
                 if status == 200:
                     latencies.append((now - client.started) * 1000)
                 else:
                     failures.append(f"{status} {body[:200]!r}")
-                closes = closes or bool(_CLOSES.search(head))
+                closes = closes or closing
                 if now < deadline and not closes:
                     send_next(client)
                 elif not closes:
@@ -111,7 +119,7 @@ def run(
                 selector.unregister(client.sock)
                 client.sock.close()
                 open_clients -= 1
-                if not chunk:
+                if not chunk and not answered:
                     failures.append("the server closed a connection with a request in flight")
                 if time.perf_counter() < deadline:  # closed by the server: a new connection
                     send_next(connect(client.next_request))

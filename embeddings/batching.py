@@ -137,7 +137,7 @@ class Batcher:
             if getattr(self._announced, "pending", False):  # no submit: the model must not wait
                 with self._condition:
                     self._end_announcement()
-                    self._condition.notify()
+                    self._wake_if_it_matters(was_idle=False)
 
     def _end_announcement(self) -> None:
         """Called with the lock held: this thread's request is no longer on its way."""
@@ -181,12 +181,21 @@ class Batcher:
                 rows=[None] * len(inputs),
                 remaining=len(inputs),
             )
+            was_idle = not self._queue
             self._end_announcement()
             self._ensure_thread()
             self._queue.append(job)
             self._account(job, texts=len(inputs), tokens=sum(costs))
-            self._condition.notify()
+            self._wake_if_it_matters(was_idle=was_idle)
         return future
+
+    def _wake_if_it_matters(self, *, was_idle: bool) -> None:
+        """Called with the lock held, after a job arrived or an announced one will not come.
+        The model thread waits for a first job, and then (`_gather`) for a full pass or for
+        the last announced request: only those end its wait. Waking it for anything else costs
+        it and the waker a turn of the GIL each, for nothing (about one wake-up a request)."""
+        if was_idle or self._expected == 0 or self._queued_texts() >= self.max_batch_size:
+            self._condition.notify()
 
     def load(self, key: str | None = None) -> tuple[int, int]:
         """(texts, padded tokens) not yet encoded: all of them, or one key's."""

@@ -124,6 +124,33 @@ def test_it_stops_waiting_for_a_request_that_leaves_without_submitting() -> None
     batcher.close()
 
 
+def test_it_wakes_the_model_thread_only_when_its_wait_can_end() -> None:
+    model = RecordingModel(delay=0)
+    batcher = make(model, wait_seconds=0, gather_seconds=10)
+    wakes: list[int] = []
+    notify = batcher._condition.notify
+
+    def counting(n: int = 1) -> None:
+        wakes.append(n)
+        notify(n)
+
+    batcher._condition.notify = counting  # type: ignore[method-assign]
+    # All three announce at once; they submit 0.1 s apart.
+    requests = [
+        announced_request(batcher, [name], after=0.1 * (i + 1)) for i, name in enumerate("abc")
+    ]
+    for thread, _ in requests:
+        thread.join(5)
+
+    # The first job (the model thread was idle), then the last announced one; not the middle.
+    assert len(wakes) == 2
+    assert [answers[0].tolist() for _, answers in requests] == [
+        expected([name]).tolist() for name in "abc"
+    ]
+    assert [texts for texts, _ in model.passes] == [["a", "b", "c"]], "one pass for all"
+    batcher.close()
+
+
 def test_it_does_not_hold_a_request_when_nobody_is_on_the_way() -> None:
     model = RecordingModel(delay=0)
     batcher = make(model, wait_seconds=0, gather_seconds=10)

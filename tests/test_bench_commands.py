@@ -136,7 +136,8 @@ def rates_lines(completed: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 class _Answering(http.server.BaseHTTPRequestHandler):
-    """Answers every 4th POST 429, the rest 200; with `close` set, closes after each answer."""
+    """Answers every 4th POST 429, the rest 200; with `close` set, closes the connection after
+    each answer, which has no Content-Length."""
 
     protocol_version = "HTTP/1.1"
     close = False
@@ -151,9 +152,10 @@ class _Answering(http.server.BaseHTTPRequestHandler):
         body = b'{"embedding": [0.1]}'
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if self.close:
+        if self.close:  # as gunicorn's sync workers answer: no length, the body ends with it
             self.send_header("Connection", "close")
+        else:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
         self.close_connection = self.close
