@@ -189,7 +189,8 @@ _SPENT_PRUNE_AT = 10_000
 def _note_spent_window(tenant_key: str, end: int) -> None:
     if len(_spent_windows) >= _SPENT_PRUNE_AT:
         now = int(time.time())
-        for stale in [key for key, spent_end in _spent_windows.items() if spent_end < now]:
+        # list(): one step under the GIL, so another thread's insert cannot break the loop.
+        for stale in [key for key, spent_end in list(_spent_windows.items()) if spent_end < now]:
             _spent_windows.pop(stale, None)
     _spent_windows[tenant_key] = end
 

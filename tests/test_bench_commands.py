@@ -26,6 +26,7 @@ README_COMMANDS = (
     "bench/gemma_builder.py",
     "bench/graph.py",
     "bench/request_cpu.py",
+    "bench/syscalls.py",
 )
 
 
@@ -129,6 +130,22 @@ def test_it_measures_only_the_stack_ceiling_when_asked_against_a_baseline_in_tur
     clients = [float(line.split("(the clients: ")[1].split()[0]) for line in rates_lines(completed)]
     assert len(clients) == 3, completed.stdout
     assert all(cost > 0 for cost in clients), completed.stdout
+
+
+def test_it_counts_system_calls_and_context_switches_per_request_against_a_baseline() -> None:
+    completed = _run(
+        "bench/syscalls.py",
+        *("--database", "sqlite", "--seconds", "2", "--clients", "2", "--baseline", str(ROOT)),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "failed requests" not in completed.stdout, completed.stdout
+    rows = {
+        fields[0]: fields[1:] for fields in map(str.split, completed.stdout.splitlines()) if fields
+    }
+    for name in ("requests_per_s", "cpu_us", "context-switches", "futex", "sendto"):
+        this, baseline = (float(value) for value in rows[name])
+        assert this > 0, completed.stdout
+        assert baseline > 0, completed.stdout
 
 
 def rates_lines(completed: subprocess.CompletedProcess[str]) -> list[str]:
