@@ -14,9 +14,11 @@ cover. Below them: the worker's other threads (the batcher, which runs the model
 writer) and the server processes, per request, read from /proc: the PostgreSQL backends of the
 bench's database (clients of other databases do not count) and Redis (all of it: run it on a
 quiet machine). With `--database sqlite` the cache is the local one and there are no servers.
-The "(cache)" steps are the rate-limit windows in Redis, or the local cache. One client's
-charges each get a transaction of their own; with `--clients 16` they share them (group
-commit), which is where the charge writer and PostgreSQL cost less per request.
+The "(cache)" steps are the rate-limit windows in Redis, or the local cache: a 1-text request
+counts against both in one round trip once its tokens are known ("both windows"); the two
+separate steps are for requests counted on arrival. One client's charges each get a
+transaction of their own; with `--clients 16` they share them (group commit), which is where
+the charge writer and PostgreSQL cost less per request.
 
 The default model is the minimal EmbeddingGemma-architecture model (one small layer: almost no
 model work), as in `bench/service.py --ceiling`: what is left is the stack's own cost.
@@ -77,6 +79,13 @@ STEPS: list[tuple[str, str, str, str, str]] = [
     ),
     ("tokenization", "embeddings.runtime", "Runtime", "tokenize", "handler"),
     ("tokens per minute (cache)", "accounts.ratelimit", "", "consume_tokens", "handler"),
+    (
+        "both windows, one round trip (cache)",
+        "accounts.ratelimit",
+        "",
+        "count_request_with_tokens",
+        "handler",
+    ),
     ("quota pre-check", "accounts.metering.ledger", "", "check_quota", "handler"),
     ("batcher hand-off and wait", "embeddings.runtime", "Runtime", "embed", "handler"),
     ("served: charge, metrics", "accounts.metering.meter", "Meter", "served", "handler"),
