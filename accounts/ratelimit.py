@@ -252,17 +252,22 @@ def count_request_with_tokens(
     end = window_end(tenant_key)
     tokens_key = _tokens_key(tenant_key, limits, end)
     cache = caches[settings.RATELIMIT_USE_CACHE]
-    try:
-        with riding(
-            str(cache.make_key(tokens_key)),
-            tokens,
-            timeout=WINDOW_SECONDS + EXPIRATION_FUDGE,
-        ) as rider:
+    with riding(
+        str(cache.make_key(tokens_key)), tokens, timeout=WINDOW_SECONDS + EXPIRATION_FUDGE
+    ) as rider:
+        try:
             used = _requests_used(request, tenant_key, limits)
-    except CacheUnavailable as exc:
-        _backend_failed(exc)
-        return None
+        except CacheUnavailable as exc:
+            if rider.count is not None:  # counted, then found wanting: nothing of it counts
+                _take_back(tokens_key, tokens)
+            _backend_failed(exc)
+            return None
     state = _state(tenant_key, limits, used)
+    if rider.count is not None and state.window_end != end:
+        # The count straddled a window's end: the tokens went to the window that just ended,
+        # and count in the new one instead, as a step of their own.
+        _take_back(tokens_key, tokens)
+        rider.count = None
     if rider.count is None:  # it could not ride: counted as a step of its own
         if used > limits.requests_per_minute:
             raise _refuse_requests(state, tenant_key)

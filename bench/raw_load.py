@@ -1,5 +1,7 @@
 """A load generator that costs the machine little: 1-text requests from one thread of
-non-blocking keep-alive sockets, each request's bytes built before the clock starts.
+non-blocking keep-alive sockets, each request's bytes built before the clock starts. It reads
+answers with a Content-Length, or without one up to the connection's end (gunicorn's sync
+workers); chunked answers are not for it.
 
 The stack ceiling (bench/service.py --ceiling) measures how many requests per second the
 service itself can serve. Its clients run on the same cores, so whatever they cost is taken from
@@ -85,7 +87,10 @@ def run(
             break
         for key, _ in events:
             client: _Client = key.data
-            chunk = client.sock.recv(262144)
+            try:
+                chunk = client.sock.recv(262144)
+            except ConnectionError:  # reset by the server: as closed
+                chunk = b""
             client.received += chunk
             closes = not chunk
             answered = False

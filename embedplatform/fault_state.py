@@ -113,7 +113,7 @@ def _use_kernel_timeouts(sock: socket.socket, seconds: float | None) -> None:
     call, and each of the two lets the GIL go: among busy request threads, taking it back
     costs more than the call. redis-py restores Python's timeout when it uses the socket
     itself (its health check); the next exchange comes back here."""
-    if seconds is None:
+    if seconds is None or seconds < 0.001:  # a zero timeval would mean no timeout at all
         return
     sock.settimeout(None)
     whole = int(seconds)

@@ -142,15 +142,24 @@ class GracefulThreadWorker(ThreadWorker):
         # The response class wsgi.create builds for HTTP/1 (it reads the module's name).
         wsgi.Response = OneWriteResponse
         self._lingering = 0
+        self._waiting_for_a_thread = 0
         self._linger_lock = threading.Lock()
         super().init_process()
+
+    def enqueue_req(self, conn: Any) -> None:
+        with self._linger_lock:
+            self._waiting_for_a_thread += 1
+        super().enqueue_req(conn)
 
     def handle(self, conn: Any) -> Any:
         # A kept-alive connection goes back to the main thread's poller after each response,
         # and its next request comes back through the thread pool: a pipe write, two wake-ups
         # of the main thread and one of a pool thread, a dozen system calls, each letting the
         # GIL go among busy request threads. A client that sends its next request at once
-        # (what a loaded API client does) is served by this thread instead.
+        # (what a loaded API client does) is served by this thread instead, as long as no
+        # other connection waits for a thread: then it takes its turn in the pool's queue.
+        with self._linger_lock:
+            self._waiting_for_a_thread -= 1
         keepalive = super().handle(conn)
         while keepalive is True and self._next_request_arrives(conn):
             keepalive = super().handle(conn)
@@ -172,13 +181,16 @@ class GracefulThreadWorker(ThreadWorker):
         return bool(super()._keepalive_after(conn, keepalive))
 
     def _next_request_arrives(self, conn: Any) -> bool:
-        """Whether `conn`'s next request arrives within KEEPALIVE_LINGER_SECONDS, waited for
-        here while at most half the threads do so (the rest serve new connections)."""
+        """Whether `conn`'s next request arrives within KEEPALIVE_LINGER_SECONDS and is this
+        thread's to serve: not while another connection waits for a thread, and waited for
+        here by at most half the threads at once (the rest stay free for new connections)."""
         if not self.alive or conn.is_http2:
             return False
-        if conn.parser.unreader.buf.getvalue():  # read ahead already, with the last body
-            return True
         with self._linger_lock:
+            if self._waiting_for_a_thread > 0:
+                return False
+            if conn.parser.unreader.buf.getvalue():  # read ahead already, with the last body
+                return True
             if self._lingering >= self.cfg.threads // 2:
                 return False
             self._lingering += 1

@@ -675,3 +675,53 @@ def test_it_says_exactly_when_a_refused_request_would_be_served(
     clock.now = started + retry_after  # any client waiting the whole seconds, too
     limit(alice.tenant, requests=100, tokens=8)
     assert embed(alice).status_code == 200
+
+
+def test_it_counts_tokens_in_the_window_their_request_was_counted_in_across_its_end(
+    alice: Person, fake_encoder: FakeEncoder, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.core.cache import caches
+
+    from accounts import ratelimit
+
+    limit(alice.tenant, requests=100, tokens=10)
+    tenant_key = f"tenant:{alice.tenant.pk}"
+    end = ratelimit.window_end(tenant_key, now=clock.now)
+    clock.now = end + 1.2  # the next window: its counters exist from here on
+    assert embed(alice)["x-ratelimit-remaining-tokens"] == "6"
+    clock.now = end + 0.5  # the last second of the window ending at `end`
+    assert embed(alice)["x-ratelimit-remaining-tokens"] == "6"
+    assert embed(alice)["x-ratelimit-remaining-tokens"] == "2"
+    counted = ratelimit._requests_used
+
+    def straddling(*args: Any, **kwargs: Any) -> int:
+        clock.now = end + 1.2  # the request is counted once the next window has begun
+        return int(counted(*args, **kwargs))
+
+    monkeypatch.setattr(ratelimit, "_requests_used", straddling)
+
+    served = embed(alice)  # 4 more tokens: too many for the old window, room in the new one
+
+    assert served.status_code == 200
+    assert served["x-ratelimit-remaining-tokens"] == "2"
+    old_window = f"{ratelimit.TOKENS_KEY_PREFIX}:{tenant_key}:10:{end}"
+    assert caches["ratelimit"].get(old_window) == 8
+
+
+def test_it_gives_back_tokens_that_rode_on_a_count_redis_answered_wrongly(
+    alice: Person, fake_encoder: FakeEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import django_ratelimit.core
+
+    limit(alice.tenant, requests=100, tokens=100)
+    assert embed(alice)["x-ratelimit-remaining-tokens"] == "96"
+    get_usage = django_ratelimit.core.get_usage
+
+    def past_its_window(*args: Any, **kwargs: Any) -> Any:
+        return {**get_usage(*args, **kwargs), "time_left": -1}  # the window ended meanwhile
+
+    with monkeypatch.context() as patched:
+        patched.setattr("accounts.ratelimit.get_usage", past_its_window)
+        assert embed(alice).status_code == 200  # served without limits (fail-open)
+
+    assert embed(alice)["x-ratelimit-remaining-tokens"] == "92"  # the unlimited one's given back

@@ -164,6 +164,33 @@ def test_it_lets_gunicorn_drain_or_close_a_connection_with_body_left(
     assert len(conn.drains) == 1  # gunicorn's own way
 
 
+def test_it_hands_a_kept_alive_connection_back_while_another_waits_for_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = bare_worker(monkeypatch, [100.0])
+    worker.alive = True
+    worker.cfg = SimpleNamespace(threads=8)
+    worker._lingering = 0
+    worker._linger_lock = threading.Lock()
+    ours, client = socket.socketpair()
+    with ours, client:
+        conn = SimpleNamespace(
+            is_http2=False,
+            sock=ours,
+            parser=SimpleNamespace(unreader=SimpleNamespace(buf=io.BytesIO())),
+        )
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # its next request is there
+        worker._waiting_for_a_thread = 0
+        assert worker._next_request_arrives(conn)
+
+        worker._waiting_for_a_thread = 1  # a connection the pool has not started yet
+
+        assert not worker._next_request_arrives(conn)
+        conn.parser.unreader.buf.write(b"GET /health HTTP/1.1\r\n")  # read ahead: the same
+        assert not worker._next_request_arrives(conn)
+        assert worker._lingering == 0
+
+
 # --- A real gunicorn ------------------------------------------------------------------------
 
 

@@ -12,7 +12,6 @@ and the metrics.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -173,8 +172,11 @@ class Meter:
         """Puts the outcome on the response, whatever it was: DRF's Response, or the plain
         HttpResponse the embed views answer API clients with."""
         if self._uncounted is not None:  # ended without `reserve` or an exception: counted now
-            with contextlib.suppress(APIException):  # it has its answer already
+            try:
                 self.count_late()
+            except APIException as refusal:  # it has its answer already; the headers say why
+                for name, value in getattr(refusal, "headers", {}).items():
+                    response.headers.setdefault(name, value)
         status_code = response.status_code
         error_type = ""
         if status_code >= 400:
