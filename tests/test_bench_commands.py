@@ -315,7 +315,7 @@ def test_it_breaks_a_requests_cpu_down_by_step_of_the_metered_path(gemma_tiny_pa
         "request",
         "view",
         "Supabase JWT",
-        "requests per minute (cache)",
+        "both windows, one round trip (cache)",
         "validation (serializer)",
         "tokenization",
         "charge and usage row (SQL)",
