@@ -3,13 +3,13 @@ non-blocking keep-alive sockets, each request's bytes built before the clock sta
 answers with a Content-Length, or without one up to the connection's end (gunicorn's sync
 workers); chunked answers are not for it.
 
-The stack ceiling (bench/service.py --ceiling) measures how many requests per second the
-service itself can serve. Its clients run on the same cores, so whatever they cost is taken from
-the service: 16 threads of `http.client` (bench/service.py's `load`, which also parses each
-response's headers) cost about 300 us of CPU per request here, a tenth of what a metered
-request costs and more than a third of what the bare server's does. This one costs a fraction
-of that, and prints how much (`client_cpu_us`), so the ratios compare the servers, not the
-clients.
+bench/service.py's 1-text runs (the service, the bare server, the stack ceiling) measure how
+many requests per second a server can serve, against the model in-process. Their clients run on
+the same cores, so whatever they cost is taken from the server: 16 threads of `http.client`
+(bench/service.py's `load`, which also parses each response's headers, and which the 32-text
+runs still use) cost about 300 us of CPU per request here, a tenth of what a metered request
+costs and more than a third of what the bare server's does. This one costs a fraction of that,
+and says how much (`client_cpu_us`), so the ratios compare the servers, not the clients.
 """
 
 from __future__ import annotations
@@ -24,6 +24,17 @@ from typing import Any
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CLOSES = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+_SERVER_TIMING = re.compile(rb"\r\nserver-timing:[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """A Server-Timing header's durations by name, in ms ("auth;dur=0.41, total;dur=9.2")."""
+    phases = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if duration:
+            phases[name] = float(duration)
+    return phases
 
 
 def prebuilt_requests(
@@ -51,15 +62,24 @@ class _Client:
 
 
 def run(
-    url: str, requests: list[bytes], *, clients: int, seconds: float, timeout: float = 60.0
+    url: str,
+    requests: list[bytes],
+    *,
+    clients: int,
+    seconds: float,
+    timeout: float = 60.0,
+    timed_phases: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Keeps `clients` requests in flight for `seconds`, each client on its own keep-alive
     connection sending the next of `requests` as soon as its answer is whole. Returns the
-    requests/s, the latency percentiles (ms), the failed answers and the CPU per request."""
+    requests/s, the latency percentiles (ms), the failed answers and the CPU per request, and
+    with `timed_phases` the median of their sum in each answer's Server-Timing
+    (`phases_p50`)."""
     host, port_text = url.removeprefix("http://").split(":")
     port = int(port_text)
     selector = selectors.DefaultSelector()
     latencies: list[float] = []
+    phases: list[float] = []
     failures: list[str] = []
 
     def connect(first_request: int) -> _Client:
@@ -113,6 +133,9 @@ def run(
                 status = int(head[9:12])
                 if status == 200:
                     latencies.append((now - client.started) * 1000)
+                    if timed_phases and (timing := _SERVER_TIMING.search(head)):
+                        durations = parse_server_timing(timing.group(1).decode("latin-1"))
+                        phases.append(sum(durations.get(name, 0.0) for name in timed_phases))
                 else:
                     failures.append(f"{status} {body[:200]!r}")
                 closes = closes or closing
@@ -132,9 +155,9 @@ def run(
     wall = time.perf_counter() - started
     cpu = time.thread_time() - cpu_started
     selector.close()
-    ordered = sorted(latencies)
 
-    def percentile(q: float) -> float:
+    def percentile(q: float, values: list[float] = latencies) -> float:
+        ordered = sorted(values)
         if not ordered:
             return float("nan")
         return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -150,4 +173,5 @@ def run(
         "latencies": latencies,
         "seconds": wall,
         "client_cpu_us": cpu * 1e6 / max(1, len(latencies)),
+        "phases_p50": percentile(50, phases),
     }

@@ -8,16 +8,17 @@
 2. A real gunicorn with everything switched on (Supabase JWT auth, tenant resolution, rate
    limits, quota, usage log in the database) under 16 concurrent clients sending 1-text /embed
    requests of each workload ("short": search queries of 8-16 words; "sentence": about 30
-   tokens), then 32-text /batch-embed requests, with keep-alive connections.
+   tokens), then 32-text /batch-embed requests, with keep-alive connections. The 1-text
+   requests, here and below, come from bench/raw_load.py (one thread, requests prebuilt), whose
+   own CPU takes little from the server on the same cores.
 3. The bare per-request baseline (bench/bare_server.py: gunicorn, 2 sync workers, one `encode`
    per request, no auth, no accounting) under the same clients, in the same run.
 4. With --ceiling, the stack's own limit: the same service with a near-free encoder (the minimal
    EmbeddingGemma-architecture model: one small layer) in requests/s, next to the bare server
-   answering a constant vector (no model at all), both loaded by bench/raw_load.py (one thread
-   of prebuilt requests, whose own CPU per request is printed: it shares the cores). With
-   --baseline DIR, another checkout's service runs too; the services take turns in --rounds
-   slices each, in alternating order, so that the ratio compares the same moments of the
-   machine.
+   answering a constant vector (no model at all), with the load generator's own CPU per
+   request printed (it shares the cores). With --baseline DIR, another checkout's service runs
+   too; the services take turns in --rounds slices each, in alternating order, so that the
+   ratio compares the same moments of the machine.
 5. With --profile, py-spy samples the service's workers during the short 1-text run and prints
    the CPU per request by part: HTTP parsing, middleware, DRF, authentication, metering, Redis,
    SQL, tokenization, model, batcher hand-off, rendering, metrics, logging.
@@ -212,7 +213,7 @@ def load(
             response = connection.getresponse()
             payload = response.read()
             elapsed = time.perf_counter() - started
-            timing = parse_server_timing(response.getheader("Server-Timing", ""))
+            timing = raw_load.parse_server_timing(response.getheader("Server-Timing", ""))
             with lock:
                 if response.status != 200:
                     failures.append(f"{response.status} {payload[:200]!r}")
@@ -241,15 +242,6 @@ def load(
         "latencies": latencies,
         "seconds": wall,
     }
-
-
-def parse_server_timing(header: str) -> dict[str, float]:
-    phases = {}
-    for part in header.split(","):
-        name, _, duration = part.strip().partition(";dur=")
-        if duration:
-            phases[name] = float(duration)
-    return phases
 
 
 def start_bare(env: dict[str, str], workers: int = 2) -> tuple[subprocess.Popen[bytes], str]:
@@ -384,24 +376,17 @@ def main() -> None:
         return service
 
     def one_text(url: str, workload: str, clients: int, seconds: float) -> dict[str, Any]:
-        return load(
-            url,
-            token,
-            path="/embed",
-            texts_per_request=1,
-            clients=clients,
-            seconds=seconds,
-            workload=workload,
-        )
-
-    def ceiling_load(url: str, clients: int, seconds: float) -> dict[str, Any]:
-        """1-text short requests from bench/raw_load.py, whose own CPU takes little from the
-        service on the same cores (the ceiling measures the service, not its clients)."""
+        """1-text /embed requests from bench/raw_load.py, whose own CPU takes little from the
+        server on the same cores: the runs compare servers (and the in-process model), not
+        their clients."""
         host, port = url.removeprefix("http://").split(":")
         requests = raw_load.prebuilt_requests(
-            short_queries(512, seed=11), host=host, port=int(port), path="/embed", token=token
+            WORKLOADS[workload](512, seed=11), host=host, port=int(port), path="/embed", token=token
         )
-        return raw_load.run(url, requests, clients=clients, seconds=seconds)
+        run = raw_load.run(
+            url, requests, clients=clients, seconds=seconds, timed_phases=IDENTITY_PHASES
+        )
+        return {**run, "identity_p50": run["phases_p50"]}
 
     runs: dict[str, dict[str, Any]] = {}
     profile: list[tuple[str, float]] = []
@@ -493,7 +478,7 @@ def main() -> None:
                     plain = [line for line in str(exc).splitlines() if line[:1] not in "{ "]
                     failures[label] = (plain or ["see its log"])[-1][:200]
             for service in services.values():
-                ceiling_load(service.url, args.clients, 2)
+                one_text(service.url, "short", args.clients, 2)
             # The services take turns in short slices, in alternating order, so that both
             # sample the same moments of a machine whose speed drifts by +-20% within minutes.
             slices: dict[str, list[dict[str, Any]]] = {label: [] for label in services}
@@ -503,7 +488,7 @@ def main() -> None:
                     service = services[label]
                     before = cpu_seconds_by_process(service.process.pid)
                     threads_before = thread_cpu_seconds(service.process.pid)
-                    run = ceiling_load(service.url, args.clients, args.seconds / args.rounds)
+                    run = one_text(service.url, "short", args.clients, args.seconds / args.rounds)
                     threads_after = thread_cpu_seconds(service.process.pid)
                     after = cpu_seconds_by_process(service.process.pid)
                     run["cpu"] = {name: after[name] - before[name] for name in after}
@@ -535,7 +520,9 @@ def main() -> None:
             shutil.rmtree(encoder_dir, ignore_errors=True)
         process, url = start_bare({"BARE_MODEL": "free"})
         try:
-            ceiling_runs["bare server, no model"] = ceiling_load(url, args.clients, args.seconds)
+            ceiling_runs["bare server, no model"] = one_text(
+                url, "short", args.clients, args.seconds
+            )
         finally:
             stop(process)
 

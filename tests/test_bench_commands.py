@@ -169,6 +169,7 @@ class _Answering(http.server.BaseHTTPRequestHandler):
         body = b'{"embedding": [0.1]}'
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Server-Timing", "auth;dur=0.50, ratelimit;dur=0.25, model;dur=3.00")
         if self.close:  # as gunicorn's sync workers answer: no length, the body ends with it
             self.send_header("Connection", "close")
         else:
@@ -194,7 +195,9 @@ def test_it_loads_a_server_from_one_thread_and_says_what_that_cost(close: bool) 
         requests = raw_load.prebuilt_requests(
             ["first text", "second text"], host="127.0.0.1", port=port, path="/embed", token="t"
         )
-        run = raw_load.run(url, requests, clients=3, seconds=0.5)
+        run = raw_load.run(
+            url, requests, clients=3, seconds=0.5, timed_phases=("auth", "ratelimit")
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -205,6 +208,7 @@ def test_it_loads_a_server_from_one_thread_and_says_what_that_cost(close: bool) 
     assert all(failure.startswith("429 ") for failure in run["failures"])
     assert 0 < run["p50"] <= run["p99"]
     assert run["client_cpu_us"] > 0
+    assert run["phases_p50"] == pytest.approx(0.75)  # the phases asked for, from Server-Timing
 
 
 def test_it_reads_the_cpu_a_service_process_tree_spent() -> None:
