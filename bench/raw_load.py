@@ -37,6 +37,14 @@ def parse_server_timing(header: str) -> dict[str, float]:
     return phases
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
 def prebuilt_requests(
     texts: list[str], *, host: str, port: int, path: str, token: str
 ) -> list[bytes]:
@@ -156,22 +164,16 @@ def run(
     cpu = time.thread_time() - cpu_started
     selector.close()
 
-    def percentile(q: float, values: list[float] = latencies) -> float:
-        ordered = sorted(values)
-        if not ordered:
-            return float("nan")
-        return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
     return {
         "requests_per_s": len(latencies) / wall,
         "sentences_per_s": len(latencies) / wall,
         "requests": len(latencies),
         "failures": failures,
-        "p50": percentile(50),
-        "p95": percentile(95),
-        "p99": percentile(99),
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "p99": percentile(latencies, 99),
         "latencies": latencies,
         "seconds": wall,
         "client_cpu_us": cpu * 1e6 / max(1, len(latencies)),
-        "phases_p50": percentile(50, phases),
+        "phases_p50": percentile(phases, 50),
     }

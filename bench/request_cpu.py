@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu_profile import cpu_seconds, cpu_seconds_by_process, stat_fields  # noqa: E402
+from bench.embedded import use_embedded_default  # noqa: E402
 
 # (label, module, owner(s) inside the module ("A|B") or "" for the module, attribute, parent)
 STEPS: list[tuple[str, str, str, str, str]] = [
@@ -209,10 +210,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.database == "sqlite":
-        data_dir = tempfile.mkdtemp(prefix="embedplatform-request-cpu-")
-        os.environ["DATA_DIR"] = data_dir
-        os.environ["DATABASE_URL"] = f"sqlite:///{data_dir}/db.sqlite3"
-        os.environ["REDIS_URL"] = ""
+        use_embedded_default("embedplatform-request-cpu-")
     # Imported here: bench.service sets up the environment (offline, no model at start).
     from bench.gemma_builder import build_gemma_like_model
     from bench.service import WORKLOADS, prepare_tenant

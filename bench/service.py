@@ -68,6 +68,8 @@ from bench.cpu_profile import (  # noqa: E402
     thread_cpu_seconds,
     thread_roles,
 )
+from bench.embedded import use_embedded_default  # noqa: E402
+from bench.raw_load import percentile  # noqa: E402
 
 WORDS = (
     "embedding service tenants quota latency throughput model vector search query document "
@@ -95,14 +97,6 @@ def short_queries(count: int, seed: int = 7) -> list[str]:
 
 
 WORKLOADS: dict[str, Callable[..., list[str]]] = {"short": short_queries, "sentence": sentences}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def in_process(
@@ -337,10 +331,7 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     workloads = [name.strip() for name in args.workload.split(",") if name.strip()]
     if args.database == "sqlite":
-        data_dir = tempfile.mkdtemp(prefix="embedplatform-bench-sqlite-")
-        os.environ["DATA_DIR"] = data_dir
-        os.environ["DATABASE_URL"] = f"sqlite:///{data_dir}/db.sqlite3"
-        os.environ["REDIS_URL"] = ""
+        use_embedded_default("embedplatform-bench-sqlite-")
 
     print(
         f"model={args.model or 'bundled MiniLM'} quantization={args.quantization} "

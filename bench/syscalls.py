@@ -15,7 +15,6 @@ With --baseline DIR another checkout is counted the same way, after this one.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import bench.service  # noqa: E402  (sets up the environment: offline, no model at start)
 from bench import raw_load  # noqa: E402
 from bench.cpu_profile import cpu_seconds_by_process  # noqa: E402
+from bench.embedded import use_embedded_default  # noqa: E402
 
 SYSCALLS = ("futex", "poll", "sendto", "recvfrom", "write", "read", "ioctl", "epoll_wait")
 EVENTS = [f"syscalls:sys_enter_{name}" for name in SYSCALLS] + ["context-switches"]
@@ -103,10 +103,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another checkout, counted after this one")
     args = parser.parse_args()
     if args.database == "sqlite":
-        data_dir = tempfile.mkdtemp(prefix="embedplatform-bench-sqlite-")
-        os.environ["DATA_DIR"] = data_dir
-        os.environ["DATABASE_URL"] = f"sqlite:///{data_dir}/db.sqlite3"
-        os.environ["REDIS_URL"] = ""
+        use_embedded_default("embedplatform-bench-sqlite-")
 
     from bench.gemma_builder import build_gemma_like_model
 
