@@ -170,6 +170,25 @@ def prepare_tenants(names: list[str]) -> dict[str, str]:
     return tokens
 
 
+def start_checkout_service(checkout: Path, env: dict[str, str], *, workers: int | None) -> Any:
+    """A real gunicorn running `checkout`'s code (tests.service), once /health answers."""
+    import tests.service
+
+    tests.service.ROOT = checkout  # the gunicorn process runs that checkout's code
+    try:
+        service = tests.service.start_service(
+            Path(tempfile.mkdtemp(prefix="bench-service-")), env=env, workers=workers, wait=False
+        )
+    finally:
+        tests.service.ROOT = ROOT
+    try:
+        tests.service.wait_until_healthy(service, timeout=900)  # a busy machine loads slowly
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
 def prepare_tenant() -> str:
     """A bench tenant whose limits never get in the way, and a Supabase-style token for it."""
     return prepare_tenants(["bench"])["bench"]
@@ -341,30 +360,12 @@ def main() -> None:
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
     token = prepare_tenant()
-    from tests.service import start_service, wait_until_healthy
 
     def run_service(model: str, quantization: str, checkout: Path = ROOT) -> Any:
-        import tests.service
-
         env = {"MODEL_NAME": model, "MODEL_QUANTIZATION": quantization}
         if args.database == "sqlite":
             env["REDIS_URL"] = ""
-        tests.service.ROOT = checkout  # the gunicorn process runs that checkout's code
-        try:
-            service = start_service(
-                Path(tempfile.mkdtemp(prefix="bench-service-")),
-                env=env,
-                workers=args.workers,
-                wait=False,
-            )
-        finally:
-            tests.service.ROOT = ROOT
-        try:
-            wait_until_healthy(service, timeout=900)  # a busy machine loads models slowly
-        except BaseException:
-            service.stop()
-            raise
-        return service
+        return start_checkout_service(checkout, env, workers=args.workers)
 
     def one_text(url: str, workload: str, clients: int, seconds: float) -> dict[str, Any]:
         """1-text /embed requests from bench/raw_load.py, whose own CPU takes little from the

@@ -39,21 +39,10 @@ def count(
     checkout: Path, encoder: Path, token: str, *, clients: int, seconds: float
 ) -> dict[str, Any]:
     """Per request: each event's count, the workers' CPU (us), and the requests/s."""
-    import tests.service
-    from tests.service import start_service, wait_until_healthy
-
-    tests.service.ROOT = checkout  # the gunicorn process runs that checkout's code
+    service = bench.service.start_checkout_service(
+        checkout, {"MODEL_NAME": str(encoder), "MODEL_QUANTIZATION": "fp32"}, workers=None
+    )
     try:
-        service = start_service(
-            Path(tempfile.mkdtemp(prefix="bench-syscalls-")),
-            env={"MODEL_NAME": str(encoder), "MODEL_QUANTIZATION": "fp32"},
-            workers=None,
-            wait=False,
-        )
-    finally:
-        tests.service.ROOT = ROOT
-    try:
-        wait_until_healthy(service, timeout=900)
         host, port = service.url.removeprefix("http://").split(":")
         requests = raw_load.prebuilt_requests(
             bench.service.short_queries(512, seed=11),

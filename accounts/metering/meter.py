@@ -79,26 +79,23 @@ class Meter:
         """The tenant's limits, and this request against its requests per minute (429).
 
         With `count_with_tokens` a small request is counted later, in one Redis round trip with
-        its tokens (`reserve`), or when it is refused before that (`count_late`): either way
+        its tokens (`reserve`), or when it is refused before that (`count_now`): either way
         it counts once, and a request past the limit is answered 429 whatever else is wrong
         with it. A large one, or one of a tenant whose window this process saw spent, is
         counted now, before any work on its body."""
         with self.timed("ratelimit"):
             self.limits = effective_limits(self.tenant)
-            if (
-                count_with_tokens
-                and _body_length(request) <= COUNT_WITH_TOKENS_MAX_BODY
-                and ratelimit.may_count_with_tokens(self.tenant.pk)
-            ):
-                self._uncounted = request
-                return
-            self.rate_limit = ratelimit.count_request(
-                request=request, tenant_id=self.tenant.pk, limits=self.limits
-            )
+        self._uncounted = request
+        if not (
+            count_with_tokens
+            and _body_length(request) <= COUNT_WITH_TOKENS_MAX_BODY
+            and ratelimit.may_count_with_tokens(self.tenant.pk)
+        ):
+            self.count_now()
 
-    def count_late(self) -> None:
-        """Counts a request that `admit` left uncounted and that ends before `reserve`: it
-        counts against requests per minute like any other (429 past the limit)."""
+    def count_now(self) -> None:
+        """Counts the request against requests per minute (429 past the limit), unless it is
+        counted already: on arrival (`admit`), or when it ends before `reserve` counted it."""
         request, self._uncounted = self._uncounted, None
         if request is None:
             return
@@ -173,7 +170,7 @@ class Meter:
         HttpResponse the embed views answer API clients with."""
         if self._uncounted is not None:  # ended without `reserve` or an exception: counted now
             try:
-                self.count_late()
+                self.count_now()
             except APIException as refusal:  # it has its answer already; the headers say why
                 for name, value in getattr(refusal, "headers", {}).items():
                     response.headers.setdefault(name, value)

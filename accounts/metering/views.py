@@ -48,7 +48,7 @@ class MeteredAPIView(APIView):
     def handle_exception(self, exc: Exception) -> Response:
         if self.meter is not None:
             try:
-                self.meter.count_late()
+                self.meter.count_now()
             except APIException as refusal:  # past the limit (429), or no cache and fail-closed
                 exc = refusal
         return super().handle_exception(exc)
