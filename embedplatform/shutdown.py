@@ -141,6 +141,7 @@ class GracefulThreadWorker(ThreadWorker):
         util.write_error = write_json_error
         # The response class wsgi.create builds for HTTP/1 (it reads the module's name).
         wsgi.Response = OneWriteResponse
+        self._listening = True
         self._lingering = 0
         self._waiting_for_a_thread = 0
         self._linger_lock = threading.Lock()
@@ -221,7 +222,15 @@ class GracefulThreadWorker(ThreadWorker):
                 self.accept(listener)  # non-blocking here; nothing queued: no change
                 if self.nr_conns == before:
                     break
+        self._listening = False
+        for listener in self.sockets:
             listener.close()
+
+    def accept(self, listener: Any) -> None:
+        # The poller may have reported a listener ready in the same turn of the loop that ran
+        # _stop_listening before it: that listener is closed by now.
+        if self._listening:
+            super().accept(listener)
 
     def handle_request(self, req: Any, conn: Any) -> Any:
         conn.sock.settimeout(client_timeout())

@@ -191,6 +191,19 @@ def test_it_hands_a_kept_alive_connection_back_while_another_waits_for_a_thread(
         assert worker._lingering == 0
 
 
+def test_it_accepts_nothing_on_a_listener_it_closed_in_the_same_turn_of_its_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = bare_worker(monkeypatch, [100.0])
+    worker._listening = False  # as _stop_listening leaves it, the listeners closed
+
+    class ClosedListener:
+        def accept(self) -> Any:
+            raise AttributeError("'NoneType' object has no attribute 'accept'")  # gunicorn's
+
+    worker.accept(ClosedListener())  # a readiness the poller reported before the close
+
+
 # --- A real gunicorn ------------------------------------------------------------------------
 
 
