@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
@@ -77,21 +78,26 @@ class Runtime:
             raise refusal
         return tokenized
 
-    def embed(
+    def submit(
         self, tokenized: Tokenized, *, key: str = "", max_texts_in_flight: int | None = None
-    ) -> np.ndarray:
-        """One row per text of `tokenized`. `key` (the tenant) shares forward passes fairly
-        between tenants; `max_texts_in_flight` caps that key's texts waiting in this worker.
-        Raises `ModelOverloaded` (503) or `TooManyTextsInFlight` (429) at once when the
-        worker's queue cannot take the texts, and `FutureTimeout` after
-        ENCODE_TIMEOUT_SECONDS."""
-        future = self.batcher.submit(
+    ) -> Future[np.ndarray]:
+        """Queues `tokenized` for the model: one row per text, in the future. `key` (the
+        tenant) shares forward passes fairly between tenants; `max_texts_in_flight` caps that
+        key's texts waiting in this worker. Raises `ModelOverloaded` (503) or
+        `TooManyTextsInFlight` (429) at once when the worker's queue cannot take the texts."""
+        return self.batcher.submit(
             tokenized.inputs,
             prompt=tokenized.prompt,
             token_counts=tokenized.token_counts,
             key=key,
             max_texts_in_flight=max_texts_in_flight,
         )
+
+    def embed(
+        self, tokenized: Tokenized, *, key: str = "", max_texts_in_flight: int | None = None
+    ) -> np.ndarray:
+        """`submit`, and the answer; `FutureTimeout` after ENCODE_TIMEOUT_SECONDS."""
+        future = self.submit(tokenized, key=key, max_texts_in_flight=max_texts_in_flight)
         try:
             return wait_for_result(future, settings.ENCODE_TIMEOUT_SECONDS)
         except FutureTimeout:

@@ -150,22 +150,27 @@ def embed(
     meter.reserve(tokens=tokenized.tokens)
     assert meter.limits is not None
     in_flight = meter.limits.max_texts_in_flight
-    shaped = np.empty((len(texts), size), dtype=np.float32)
+    key = str(meter.tenant.pk)
+    size_of_chunk = chunk_size(in_flight)
     try:
-        with meter.timed("model"):
-            start = 0
-            for chunk in chunks(tokenized, chunk_size(in_flight)):
-                vectors = runtime.embed(
-                    chunk, key=str(meter.tenant.pk), max_texts_in_flight=in_flight
-                )
-                end = start + len(chunk.inputs)
-                shaped[start:end] = shape_vectors(vectors, dimensions=size, normalize=normalize)
-                start = end
+        if len(tokenized.inputs) <= size_of_chunk:  # the common case: one pass of the queue
+            future = runtime.submit(tokenized, key=key, max_texts_in_flight=in_flight)
+            vectors = meter.served_when_done(future, timeout=settings.ENCODE_TIMEOUT_SECONDS)
+            shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
+        else:
+            shaped = np.empty((len(texts), size), dtype=np.float32)
+            with meter.timed("model"):
+                start = 0
+                for chunk in chunks(tokenized, size_of_chunk):
+                    vectors = runtime.embed(chunk, key=key, max_texts_in_flight=in_flight)
+                    end = start + len(chunk.inputs)
+                    shaped[start:end] = shape_vectors(vectors, dimensions=size, normalize=normalize)
+                    start = end
+            meter.served()
     except FutureTimeout as exc:
         raise ServiceUnavailable(
             "The model is overloaded; try again shortly.", code="model_overloaded"
         ) from exc
-    meter.served()
     return EmbeddingResult(
         vectors=shaped,
         model=runtime.encoder.name,

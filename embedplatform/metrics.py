@@ -38,7 +38,7 @@ BATCH_SIZE = Histogram(
 )
 CHARGE_GROUP_SIZE = Histogram(
     "embed_charge_group_size",
-    "Charges (with their usage rows) committed together in one PostgreSQL transaction.",
+    "Charges (with their usage rows) committed together in one database transaction.",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 QUEUE_WAIT = Histogram(

@@ -28,6 +28,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
@@ -244,14 +245,31 @@ def client_timeout() -> float:
     return float(os.environ.get("GUNICORN_CLIENT_TIMEOUT") or 30)
 
 
-def wait_for_result(future: Future[T], timeout: float) -> T:
-    """future.result(timeout), ended SHUTDOWN_MARGIN_SECONDS before the worker's deadline when
-    it starts stopping meanwhile (TimeoutError either way)."""
+def wait_within_encode_timeout(wait: Callable[[float], bool], timeout: float) -> bool:
+    """Calls `wait(seconds)` until it returns True (then True), for at most `timeout` seconds
+    in all, ended SHUTDOWN_MARGIN_SECONDS before the worker's deadline when it starts stopping
+    meanwhile (then False)."""
     end = time.monotonic() + timeout
     while True:
         left = encode_wait_seconds(end - time.monotonic())
+        if wait(min(max(left, 0.0), _POLL_SECONDS)):
+            return True
+        if left <= _POLL_SECONDS:
+            return False
+
+
+def wait_for_result(future: Future[T], timeout: float) -> T:
+    """future.result(timeout), with `wait_within_encode_timeout`'s end (TimeoutError)."""
+
+    def settled(seconds: float) -> bool:
         try:
-            return future.result(timeout=min(left, _POLL_SECONDS))
+            future.result(timeout=seconds)
         except FutureTimeout:
-            if left <= _POLL_SECONDS:
-                raise
+            if not future.done():
+                return False
+            raise  # the future's own error, which happens to be a TimeoutError
+        return True
+
+    if not wait_within_encode_timeout(settled, timeout):
+        raise FutureTimeout
+    return future.result()

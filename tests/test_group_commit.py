@@ -4,11 +4,18 @@ with its usage row, or refused with nothing charged."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
 import pytest
 from django.db import connection, connections
 from django.test import override_settings
 
+from accounts.metering import ledger
 from accounts.models import Tenant, UsageLog
+from accounts.services import Caller
 from embedplatform import metrics
 from tests.conftest import FakeEncoder, Person
 from tests.helpers import at_once, charged, embed, logged
@@ -108,3 +115,108 @@ def test_it_answers_503_and_charges_nothing_when_the_database_does_not_answer_in
     assert response["Retry-After"]
     assert embed(alice).status_code == 200  # the writer is back on a fresh connection
     assert charged(alice.tenant) == logged(alice.tenant) == 2 * 4
+
+
+def record_of(person: Person, *, tokens: int) -> ledger.UsageRecord:
+    return ledger.UsageRecord(
+        caller=Caller(user=person.user, tenant=person.tenant),
+        endpoint="embed",
+        model="fake",
+        inputs=1,
+        tokens=tokens,
+        status_code=200,
+        latency_ms=1.0,
+        request_id="r1",
+    )
+
+
+def test_it_charges_as_soon_as_the_model_answers_without_the_request_thread(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200  # the month's quota row exists from here on
+    model: Future[str] = Future()
+    charge = ledger.charge_after_model(
+        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+    )
+    assert charge is not None
+
+    model.set_result("vectors")  # as the batcher does, from its own thread
+
+    deadline = time.monotonic() + 10  # committed before the request thread asks for anything
+    while charged(alice.tenant) != 4 + 7 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7
+    charge.wait(model, timeout=1)
+    charge.settle()
+    assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7  # once, not twice
+
+
+def test_it_withdraws_the_charge_of_a_request_whose_model_answer_came_too_late(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200
+    model: Future[str] = Future()
+    charge = ledger.charge_after_model(
+        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+    )
+    assert charge is not None
+
+    with pytest.raises(FutureTimeout):
+        charge.wait(model, timeout=0.2)
+
+    assert model.cancelled()  # the batcher skips it, and nothing queues a charge any more
+    assert charged(alice.tenant) == logged(alice.tenant) == 4
+
+
+def test_it_waits_for_a_charge_already_being_committed_when_the_model_wait_ends(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    """A request answered 503 must not have been charged: a charge the writer has taken may
+    commit, so the request waits for it and is served instead."""
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200
+    holder = connections.create_connection("default")
+    try:
+        with holder.cursor() as cursor:  # holds the quota row: the writer's charge waits on it
+            cursor.execute("BEGIN")
+            cursor.execute(
+                "SELECT tokens FROM accounts_quotaperiod WHERE tenant_id = %s FOR UPDATE",
+                [alice.tenant.pk],
+            )
+            model: Future[str] = Future()
+            charge = ledger.charge_after_model(
+                future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+            )
+            assert charge is not None
+            model.set_result("vectors")
+            release = threading.Timer(1.0, lambda: cursor.execute("ROLLBACK"))
+            release.start()
+            charge.wait(model, timeout=0.2)  # past its timeout while the writer commits
+            release.join()
+    finally:
+        holder.close()
+
+    charge.settle()
+    assert not model.cancelled()
+    assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7
+
+
+def test_it_answers_a_request_the_model_failed_and_charges_nothing(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200
+    model: Future[str] = Future()
+    charge = ledger.charge_after_model(
+        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+    )
+    assert charge is not None
+
+    model.set_exception(RuntimeError("the model broke"))
+
+    charge.wait(model, timeout=5)
+    with pytest.raises(RuntimeError):
+        model.result()
+    assert charged(alice.tenant) == logged(alice.tenant) == 4

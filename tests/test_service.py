@@ -124,11 +124,16 @@ def test_it_shares_forward_passes_between_concurrent_requests(
 
 
 def batch_histogram(service: Service) -> dict[str, float]:
+    return histogram(service, "embed_batch_size")
+
+
+def histogram(service: Service, metric: str) -> dict[str, float]:
+    """The count and sum of a histogram on the service's /metrics page."""
     text = service.get("/metrics").text
     values = {}
     for line in text.splitlines():
         for name in ("count", "sum"):
-            if line.startswith(f"embed_batch_size_{name} "):
+            if line.startswith(f"{metric}_{name} "):
                 values[name] = float(line.split()[-1])
     return values
 
@@ -325,7 +330,7 @@ def test_it_serves_16_concurrent_clients_on_the_embedded_sqlite_default(
     django_db_setup: None, tmp_path: Path
 ) -> None:
     """The quick start's database under load: no "database is locked", every request charged
-    and logged exactly once, WAL on."""
+    and logged exactly once, charges committed in groups, WAL on."""
     import sqlite3
     import subprocess
     import sys
@@ -365,9 +370,12 @@ def test_it_serves_16_concurrent_clients_on_the_embedded_sqlite_default(
 
         with ThreadPoolExecutor(16) as pool:
             statuses = [status for batch in pool.map(client, range(16)) for status in batch]
+        groups = histogram(service, "embed_charge_group_size")
     finally:
         service.stop()
     assert statuses == [200] * 96
+    assert groups["sum"] == 96  # every charge went through a worker's writer once
+    assert groups["count"] < 96  # and some shared a write transaction
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         rows, logged = connection.execute(

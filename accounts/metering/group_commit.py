@@ -1,14 +1,20 @@
 """Group commit of charges: the charges that request threads of one worker make at the same
-moment go to PostgreSQL as one pipelined transaction, on one connection of a writer thread.
+moment are committed as one transaction, on one connection of a writer thread.
 
 Each request still leaves only after its own charge and usage row are committed: its thread
 waits for the transaction that holds them. What changes is the cost. One charge statement per
 request in its own transaction cost PostgreSQL about 235 us of CPU and the worker 150 us; in
 transactions of 8-16 charges, 80-100 us and 65-85 us per charge (Intel, one client each,
-`SELECT pg_backend_pid()`'s /proc CPU).
+`SELECT pg_backend_pid()`'s /proc CPU). On SQLite a group is one write transaction, one turn of
+the process's write lock and one commit to the log, instead of one each per request.
 
-Every statement in a group is the same conditional charge as alone (ledger._CHARGE_AND_LOG_SQL),
-so the statements run one after the other inside the transaction and each sees the ones before
+A charge can also follow the model's answer with no request thread in between
+(`charge_when_done`): the thread that settles the model's future queues the charge, and the
+request thread wakes once, when both are done, instead of once for the model and once for the
+commit.
+
+Every statement in a group is the same conditional charge as alone (ledger's charge SQL), so
+the statements run one after the other inside the transaction and each sees the ones before
 it: no interleaving can overspend. A statement that charges nothing (the quota is spent, or the
 month has no quota row yet) says so, and its request goes on as it would alone (ledger's slow
 path). A group that fails fails each of its requests with the error (a database fault is the
@@ -20,15 +26,22 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.utils import OperationalError
 
 from embedplatform import metrics
 from embedplatform.faults import DATABASE_ERRORS, bounded_round_trip
+from embedplatform.shutdown import wait_within_encode_timeout
 
 # What a request is told when its group met a database fault: the same 503 as alone. The
 # writer uses psycopg's connection directly, so psycopg's own classes count too.
@@ -48,15 +61,59 @@ def _writer_bound() -> float:
     return 4 * float(settings.DATABASE_ROUND_TRIP_SECONDS) + 10
 
 
-class _Charge:
+# SQLite has one write lock per database file, and a writer that finds it taken sleeps in
+# SQLite's busy handler (1, 2, 5, 10, ... up to 100 ms at a time) instead of being woken when it
+# frees: with dozens of request threads per worker, those sleeps made the tail latency. A
+# worker's threads take turns on this lock instead, each woken as soon as the one before has
+# committed; only writes of other workers still meet the busy handler. (A file lock for the
+# workers' turns too was tried, and gained nothing measurable with two workers.)
+_sqlite_writer = threading.Lock()
+
+
+@contextlib.contextmanager
+def writes_in_turn(db: BaseDatabaseWrapper) -> Iterator[None]:
+    """One write transaction at a time per process on SQLite; no waiting elsewhere. Not inside
+    a transaction already open: it may hold the write lock that the thread in turn waits for.
+    The wait is bounded by the database's busy timeout, after which the write goes ahead and
+    SQLite's own lock decides, as it always does: the turns only order the writers."""
+    if db.vendor != "sqlite" or db.in_atomic_block:
+        yield
+        return
+    patience = float(db.settings_dict.get("OPTIONS", {}).get("timeout", 5.0))
+    in_turn = _sqlite_writer.acquire(timeout=patience)
+    try:
+        yield
+    finally:
+        if in_turn:
+            _sqlite_writer.release()
+
+
+@dataclass(frozen=True)
+class ChargeSQL:
+    """The statements of one charge: `charge_and_log` does both in one statement (PostgreSQL);
+    elsewhere `charge` runs, then `log` if it charged."""
+
+    charge_and_log: str
+    charge: str
+    log: str
+
+
+# A charge's life: waiting for the model's answer, waiting for the writer, in a transaction,
+# answered; or withdrawn by its request before the writer took it (the model was too slow).
+_AWAITING_MODEL, _QUEUED, _COMMITTING, _ANSWERED, _WITHDRAWN = range(5)
+
+
+class PendingCharge:
     """One request's charge, and its answer once the writer has committed its group."""
 
-    __slots__ = ("_done", "error", "params", "spent_after")
+    __slots__ = ("_done", "error", "model_done_at", "params", "spent_after", "state")
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: dict[str, Any], state: int) -> None:
         self.params = params
+        self.state = state
         self.spent_after: int | None = None
         self.error: BaseException | None = None
+        self.model_done_at = 0.0  # perf_counter when the model's answer came (charge_when_done)
         # Held from birth and released once by the writer: a one-shot signal for a single
         # waiter. An Event would build a Condition (three locks, a deque) per charge.
         self._done = threading.Lock()
@@ -68,34 +125,96 @@ class _Charge:
     def set(self) -> None:
         self._done.release()
 
+    def outcome(self) -> int | None:
+        """The tenant's tokens after the charge, or None when the statement charged nothing or
+        its group failed otherwise than by a database fault (nothing of it was committed, so
+        the caller's own path may charge it alone). Raises OperationalError on a fault."""
+        if isinstance(self.error, _DATABASE_FAULTS):
+            raise OperationalError(str(self.error)) from self.error
+        if self.error is not None and not self.params:  # its parameters could not be made
+            raise self.error
+        return None if self.error is not None else self.spent_after
+
 
 class ChargeGroups:
     """The writer thread of one worker process, and the charges waiting for it."""
 
-    def __init__(self, sql: str) -> None:
+    def __init__(self, sql: ChargeSQL) -> None:
         self._sql = sql
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
-        self._waiting: list[_Charge] = []
+        self._waiting: list[PendingCharge] = []
         self._thread: threading.Thread | None = None
         self._owner_pid = 0
         self._closing = False
 
     def charge(self, params: dict[str, Any]) -> int | None:
         """Commits one charge with its usage row, in a group with whatever other threads charge
-        meanwhile; the tenant's tokens after it, or None when the statement charged nothing or
-        its group failed otherwise than by a database fault (nothing of it was committed, so
-        the caller's own path may charge it alone). Raises OperationalError on a fault."""
-        item = _Charge(params)
+        meanwhile; what `PendingCharge.outcome` says."""
+        item = PendingCharge(params, _QUEUED)
         with self._lock:
-            self._ensure_thread()
-            self._waiting.append(item)
-            self._ready.notify()
+            self._enqueue(item)
         if not item.wait(_writer_bound()):
             raise OperationalError("The database did not answer in time.")
-        if isinstance(item.error, _DATABASE_FAULTS):
-            raise OperationalError(str(item.error)) from item.error
-        return None if item.error is not None else item.spent_after
+        return item.outcome()
+
+    def charge_when_done(
+        self, future: Future[Any], params: Callable[[], dict[str, Any]]
+    ) -> PendingCharge:
+        """Queues a charge as soon as `future` has its result, from the thread that settles it;
+        `params()` is called then. A future that fails or is cancelled charges nothing. Wait for
+        both with `wait_for_model_and_charge`."""
+        item = PendingCharge({}, _AWAITING_MODEL)
+
+        def model_done(settled: Future[Any]) -> None:
+            failed = settled.cancelled() or settled.exception() is not None
+            try:
+                charge = None if failed else params()
+            except BaseException as exc:  # the waiting request must hear of it
+                item.error, charge = exc, None
+            with self._lock:
+                if item.state != _AWAITING_MODEL:  # withdrawn: its request gave up waiting
+                    return
+                item.model_done_at = time.perf_counter()
+                if charge is None:
+                    item.state = _ANSWERED
+                    item.set()
+                    return
+                item.params = charge
+                self._enqueue(item)
+
+        future.add_done_callback(model_done)
+        return item
+
+    def wait_for_model_and_charge(
+        self, future: Future[Any], item: PendingCharge, *, timeout: float
+    ) -> None:
+        """Waits for the model (at most `timeout`, cut short when the worker stops) and then for
+        the charge `charge_when_done` queued. Past the timeout, a charge the writer has not
+        taken yet is withdrawn, the future cancelled and FutureTimeout raised: nothing is
+        charged; one the writer is committing is waited for, as it may be charged already."""
+        if wait_within_encode_timeout(item.wait, timeout):
+            return
+        with self._lock:
+            if item.state in (_AWAITING_MODEL, _QUEUED):
+                if item.state == _QUEUED:
+                    self._waiting.remove(item)
+                item.state = _WITHDRAWN
+                withdrawn = True
+            else:
+                withdrawn = False
+        if withdrawn:
+            future.cancel()
+            raise FutureTimeout
+        if not item.wait(_writer_bound()):
+            raise OperationalError("The database did not answer in time.")
+
+    def _enqueue(self, item: PendingCharge) -> None:
+        # Called with the lock held.
+        self._ensure_thread()
+        item.state = _QUEUED
+        self._waiting.append(item)
+        self._ready.notify()
 
     def _ensure_thread(self) -> None:
         # A thread does not survive fork: a process that inherited the groups starts its own.
@@ -125,6 +244,8 @@ class ChargeGroups:
                     self._thread = None
                     break
                 group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
+                for item in group:
+                    item.state = _COMMITTING
             try:
                 results = self._commit([item.params for item in group])
             except BaseException as exc:  # every waiting request must hear of it
@@ -139,12 +260,13 @@ class ChargeGroups:
                     item.spent_after = spent_after
             finally:
                 for item in group:
+                    item.state = _ANSWERED
                     item.set()
         with contextlib.suppress(Exception):  # closing: a connection already broken is gone
             connection.close()
 
     def _commit(self, group: list[dict[str, Any]]) -> list[int | None]:
-        """One transaction, one round trip: the statements pipelined, each one's answer read."""
+        """One transaction: each charge's tokens after it, None where it charged nothing."""
         metrics.CHARGE_GROUP_SIZE.observe(len(group))
         if connection.connection is not None:
             # As before a request: a kept connection the server ended is replaced, not failed on.
@@ -153,14 +275,33 @@ class ChargeGroups:
             kept.health_check_done = False
             connection.close_if_health_check_failed()
         connection.ensure_connection()
+        if connection.vendor == "postgresql":
+            return self._commit_pipelined(group)
+        return self._commit_in_turn(group)
+
+    def _commit_pipelined(self, group: list[dict[str, Any]]) -> list[int | None]:
+        """PostgreSQL: one round trip, the statements pipelined, each one's answer read."""
         raw = connection.connection
         results: list[int | None] = []
         round_trip = bounded_round_trip(raw.fileno(), settings.DATABASE_ROUND_TRIP_SECONDS)
         with round_trip, raw.transaction(), raw.cursor() as cursor:
-            cursor.executemany(self._sql, group, returning=True)
+            cursor.executemany(self._sql.charge_and_log, group, returning=True)
             while True:
                 row = cursor.fetchone()
                 results.append(None if row is None else int(row[0]))
                 if not cursor.nextset():
                     break
+        return results
+
+    def _commit_in_turn(self, group: list[dict[str, Any]]) -> list[int | None]:
+        """SQLite: the charges one after the other in one write transaction, taken in this
+        process's turn, each usage row written only where its charge happened."""
+        results: list[int | None] = []
+        with writes_in_turn(connection), transaction.atomic(), connection.cursor() as cursor:
+            for params in group:
+                cursor.execute(self._sql.charge, params)
+                row = cursor.fetchone()
+                if row is not None:
+                    cursor.execute(self._sql.log, params)
+                results.append(None if row is None else int(row[0]))
         return results

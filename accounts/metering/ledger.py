@@ -10,19 +10,17 @@ its quota: that lets a request go on to the charge, which decides, and never ser
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
-from accounts.metering.group_commit import ChargeGroups
+from accounts.metering.group_commit import ChargeGroups, ChargeSQL, PendingCharge, writes_in_turn
 from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
 from accounts.selectors import current_period_start
 from accounts.services import Caller
@@ -175,33 +173,6 @@ def _note_spent(tenant_id: int, period_start: date, spent: int) -> None:
         _seen.put(tenant_id, (period_start, spent, seen[2]))
 
 
-# SQLite has one write lock per database file, and a writer that finds it taken sleeps in
-# SQLite's busy handler (1, 2, 5, 10, ... up to 100 ms at a time) instead of being woken when it
-# frees: with dozens of request threads per worker, those sleeps made the tail latency. A
-# worker's threads take turns on this lock instead, each woken as soon as the one before has
-# committed; only writes of other workers still meet the busy handler. (A file lock for the
-# workers' turns too was tried, and gained nothing measurable with two workers.)
-_sqlite_writer = threading.Lock()
-
-
-@contextmanager
-def writes_in_turn(db: BaseDatabaseWrapper) -> Iterator[None]:
-    """One write transaction at a time per process on SQLite; no waiting elsewhere. Not inside
-    a transaction already open: it may hold the write lock that the thread in turn waits for.
-    The wait is bounded by the database's busy timeout, after which the write goes ahead and
-    SQLite's own lock decides, as it always does: the turns only order the writers."""
-    if db.vendor != "sqlite" or db.in_atomic_block:
-        yield
-        return
-    patience = float(db.settings_dict.get("OPTIONS", {}).get("timeout", 5.0))
-    in_turn = _sqlite_writer.acquire(timeout=patience)
-    try:
-        yield
-    finally:
-        if in_turn:
-            _sqlite_writer.release()
-
-
 def charge_and_log(*, record: UsageRecord) -> None:
     """Charges a served request's tokens to its tenant's monthly quota and writes its usage row,
     atomically: the quota total always equals the sum of the log. Raises QuotaExceeded (and
@@ -210,37 +181,83 @@ def charge_and_log(*, record: UsageRecord) -> None:
     assert tenant is not None, "a served request always has a tenant"
     period_start = current_period_start()
     params = _charge_params(record, period_start)
-    if connection.vendor == "postgresql":
-        spent_after = _charge_and_log_in_one_statement(params)
-        if spent_after is not None:
-            _note_spent(tenant.pk, period_start, spent_after)
-            return
-    # Elsewhere (SQLite), on the month's first charge (no row yet) and when the quota is spent.
-    with writes_in_turn(connection), transaction.atomic():
-        spent_after = _charge(params)
-        if spent_after is None:
-            # Either the quota is spent, or this is the month's first charge and its row does
-            # not exist yet; the unique (tenant, month) makes concurrent creators agree on one.
-            QuotaPeriod.objects.get_or_create(tenant=tenant, period_start=period_start)
+    if _charges_in_groups():
+        spent_after = _groups.charge(params)
+    elif connection.vendor == "postgresql":  # the charge and the row in one statement
+        spent_after = _tokens_after(_CHARGE_AND_LOG_SQL, params)
+    else:
+        spent_after = None
+    _settle(tenant_id=tenant.pk, period_start=period_start, params=params, spent_after=spent_after)
+
+
+@dataclass
+class ChargeAfterModel:
+    """A charge that the model's answer queues by itself (`charge_after_model`)."""
+
+    pending: PendingCharge
+    tenant_id: int
+    period_start: date
+
+    def wait(self, future: Future[Any], *, timeout: float) -> None:
+        """For the model's answer (FutureTimeout past `timeout`: then nothing is charged) and
+        then for the charge's group."""
+        _groups.wait_for_model_and_charge(future, self.pending, timeout=timeout)
+
+    def settle(self) -> None:
+        """After `wait`, once the model answered: what `charge_and_log` does after its
+        statement (the charge alone where the group's statement charged nothing)."""
+        spent_after = self.pending.outcome()
+        _settle(
+            tenant_id=self.tenant_id,
+            period_start=self.period_start,
+            params=self.pending.params,
+            spent_after=spent_after,
+        )
+
+
+def charge_after_model(
+    *, future: Future[Any], tenant_id: int, record: Callable[[], UsageRecord]
+) -> ChargeAfterModel | None:
+    """`charge_and_log` of the usage record `record()`, queued by the thread that settles
+    `future`, as soon as it has its result: the request thread then wakes once, for both.
+    None where charges are not committed in groups: then charge after the model yourself."""
+    if not _charges_in_groups():
+        return None
+    period_start = current_period_start()
+    pending = _groups.charge_when_done(future, lambda: _charge_params(record(), period_start))
+    return ChargeAfterModel(pending=pending, tenant_id=tenant_id, period_start=period_start)
+
+
+def _charges_in_groups() -> bool:
+    # Not inside a transaction of the caller's, which the charge must then be part of.
+    return bool(settings.CHARGE_GROUP_COMMIT) and not connection.in_atomic_block
+
+
+def _settle(
+    *, tenant_id: int, period_start: date, params: dict[str, Any], spent_after: int | None
+) -> None:
+    """Where the one-statement charge charged nothing (SQLite always; elsewhere the month's
+    first charge, or a spent quota), the charge and its row in a transaction of their own."""
+    if spent_after is None:
+        with writes_in_turn(connection), transaction.atomic():
             spent_after = _charge(params)
-        if spent_after is None:
-            quota, spent = _standing(tenant_id=tenant.pk, period_start=period_start)
-            raise quota_exceeded(quota=quota, spent=spent, tokens=record.tokens)
-        with connection.cursor() as cursor:
-            cursor.execute(_LOG_SQL, params)
-    _note_spent(tenant.pk, period_start, spent_after)
+            if spent_after is None:
+                # Either the quota is spent, or this is the month's first charge and its row
+                # does not exist yet; the unique (tenant, month) makes concurrent creators
+                # agree on one.
+                QuotaPeriod.objects.get_or_create(tenant_id=tenant_id, period_start=period_start)
+                spent_after = _charge(params)
+            if spent_after is None:
+                quota, spent = _standing(tenant_id=tenant_id, period_start=period_start)
+                raise quota_exceeded(quota=quota, spent=spent, tokens=int(params["tokens"]))
+            with connection.cursor() as cursor:
+                cursor.execute(_LOG_SQL, params)
+    _note_spent(tenant_id, period_start, spent_after)
 
 
-_groups = ChargeGroups(_CHARGE_AND_LOG_SQL)
-
-
-def _charge_and_log_in_one_statement(params: dict[str, Any]) -> int | None:
-    """PostgreSQL's fast path: the tenant's tokens after the charge, None when it did not
-    happen. Committed in a group with other requests' charges (CHARGE_GROUP_COMMIT), except
-    inside a transaction of the caller's, which the charge must then be part of."""
-    if settings.CHARGE_GROUP_COMMIT and not connection.in_atomic_block:
-        return _groups.charge(params)
-    return _tokens_after(_CHARGE_AND_LOG_SQL, params)
+_groups = ChargeGroups(
+    ChargeSQL(charge_and_log=_CHARGE_AND_LOG_SQL, charge=_CHARGE_SQL, log=_LOG_SQL)
+)
 
 
 def close_charge_groups() -> None:

@@ -13,8 +13,10 @@ and the metrics.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from django.http.response import HttpResponseBase
 from rest_framework.exceptions import APIException
@@ -27,8 +29,10 @@ from accounts.selectors import Limits, effective_limits
 from accounts.services import Caller
 from embedplatform import metrics
 from embedplatform.errors import PayloadTooLarge
+from embedplatform.shutdown import wait_for_result
 
 Outcome = Literal["served", "refused"]
+T = TypeVar("T")
 
 # The largest body whose request may be counted with its tokens, after parsing and tokenizing:
 # a 1-text query is well under it, and a tenant past its limit can make this process do at
@@ -139,9 +143,44 @@ class Meter:
             return
         with self.timed("charge"):
             ledger.charge_and_log(record=self._record(status_code=200, tokens=self.tokens))
+        self._count_served()
+
+    def _count_served(self) -> None:
         self.outcome = "served"
         metrics.child(metrics.TOKENS, self.endpoint).inc(self.tokens)
         metrics.child(metrics.INPUTS, self.endpoint).inc(self.inputs)
+
+    def served_when_done(self, future: Future[T], *, timeout: float) -> T:
+        """The model's answer in `future` (FutureTimeout past `timeout`, and the future is
+        cancelled), then `served`. Where charges are committed in groups the model's answer
+        queues the charge itself, so the request thread wakes once instead of twice; a request
+        that times out then withdraws its charge, or waits for it if it is being committed."""
+        charge = ledger.charge_after_model(
+            future=future,
+            tenant_id=self.tenant.pk,
+            record=lambda: self._record(status_code=200, tokens=self.tokens),
+        )
+        if charge is None:
+            with self.timed("model"):
+                try:
+                    answer = wait_for_result(future, timeout)
+                except FutureTimeout:
+                    future.cancel()  # the batcher skips what nobody waits for any more
+                    raise
+            self.served()
+            return answer
+        waiting_since = time.perf_counter()
+        try:
+            charge.wait(future, timeout=timeout)
+        finally:
+            model_done_at = charge.pending.model_done_at or time.perf_counter()
+            self._add_time("model", model_done_at - waiting_since)
+            self._add_time("charge", time.perf_counter() - model_done_at)
+        answer = future.result()  # the model's own error, if it failed
+        with self.timed("charge"):
+            charge.settle()
+        self._count_served()
+        return answer
 
     def served_uncharged(self) -> None:
         """Writes the usage row of a served request that costs no tokens (/tokenize, /decode):
@@ -197,6 +236,9 @@ class Meter:
     def timed(self, phase: str) -> _Phase:
         """A `with` block whose time adds to `phase`."""
         return _Phase(self.timings, phase)
+
+    def _add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds * 1000.0
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
