@@ -88,7 +88,21 @@ STEPS: list[tuple[str, str, str, str, str]] = [
         "handler",
     ),
     ("quota pre-check", "accounts.metering.ledger", "", "check_quota", "handler"),
-    ("batcher hand-off and wait", "embeddings.runtime", "Runtime", "embed", "handler"),
+    ("batcher hand-off", "embeddings.runtime", "Runtime", "submit", "handler"),
+    (
+        "model and charge, one wait",
+        "accounts.metering.meter",
+        "Meter",
+        "served_when_done",
+        "handler",
+    ),
+    (
+        "charge settled (alone where its group charged nothing)",
+        "accounts.metering.ledger",
+        "ChargeAfterModel",
+        "settle",
+        "model and charge, one wait",
+    ),
     ("served: charge, metrics", "accounts.metering.meter", "Meter", "served", "handler"),
     (
         "charge and usage row (SQL)",
