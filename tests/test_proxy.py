@@ -163,9 +163,13 @@ def test_it_serves_the_api_through_the_proxy_with_the_callers_request_id(
     assert response.status_code == 200, response.text
     assert len(response.json()["embedding"]) == 384
     assert response.raw.headers.getlist("X-Request-ID") == ["edge-trace-1"]
-    # gunicorn got the same id: its usage row and its access log carry it.
+    # gunicorn got the same id: its usage row and its access log carry it. gunicorn writes the
+    # access line once the response is sent, so it may come a moment after the response.
     assert UsageLog.objects.get(request_id="edge-trace-1").tenant == alice.tenant
-    assert any(record.get("request_id") == "edge-trace-1" for record in gunicorn.log_records())
+    deadline = time.monotonic() + 10
+    while not any(r.get("request_id") == "edge-trace-1" for r in gunicorn.log_records()):
+        assert time.monotonic() < deadline, "no access line carries the caller's request id"
+        time.sleep(0.05)
 
 
 def test_it_gives_requests_without_a_usable_id_one_of_its_own(proxy: Proxy, alice: Person) -> None:
