@@ -220,23 +220,3 @@ def test_it_answers_a_request_the_model_failed_and_charges_nothing(
     with pytest.raises(RuntimeError):
         model.result()
     assert charged(alice.tenant) == logged(alice.tenant) == 4
-
-
-def test_it_commits_groups_without_prepared_statements_behind_a_transaction_pooler(
-    alice: Person, fake_encoder: FakeEncoder, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """DATABASE_PREPARED_STATEMENTS=false (PgBouncer before 1.21 in transaction mode): the
-    group's statements are sent bound, in a pipeline, instead of as EXECUTEs of a statement
-    prepared on the writer's connection."""
-    unlimited(alice.tenant)
-    assert embed(alice).status_code == 200
-    monkeypatch.delitem(connection.settings_dict["OPTIONS"], "prepare_threshold")
-    charges_before, transactions_before = groups()
-
-    statuses = at_once(lambda _: embed(alice).status_code, range(20))
-
-    assert statuses == [200] * 20
-    charges, transactions = groups()
-    assert charges - charges_before == 20
-    assert transactions - transactions_before < 20
-    assert charged(alice.tenant) == logged(alice.tenant) == 21 * 4

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,18 +91,11 @@ def writes_in_turn(db: BaseDatabaseWrapper) -> Iterator[None]:
 @dataclass(frozen=True)
 class ChargeSQL:
     """The statements of one charge: `charge_and_log` does both in one statement (PostgreSQL);
-    elsewhere `charge` runs, then `log` if it charged. `types(db)` names the database type
-    of each of their parameters."""
+    elsewhere `charge` runs, then `log` if it charged."""
 
     charge_and_log: str
     charge: str
     log: str
-    types: Callable[[BaseDatabaseWrapper], dict[str, str]]
-
-
-# The name of the charge statement on a writer's PostgreSQL connection.
-_PREPARED_CHARGE = "embed_charge_and_log"
-_PARAMETER = re.compile(r"%\((\w+)\)s")
 
 
 # A charge's life: waiting for the model's answer, waiting for the writer, in a transaction,
@@ -153,7 +145,6 @@ class ChargeGroups:
         self._ready = threading.Condition(self._lock)
         self._waiting: list[PendingCharge] = []
         self._thread: threading.Thread | None = None
-        self._prepared_on: object = None  # the connection that holds _PREPARED_CHARGE
         self._owner_pid = 0
         self._closing = False
 
@@ -284,48 +275,12 @@ class ChargeGroups:
             kept.health_check_done = False
             connection.close_if_health_check_failed()
         connection.ensure_connection()
-        if connection.vendor != "postgresql":
-            return self._commit_in_turn(group)
-        if connection.settings_dict["OPTIONS"].get("prepare_threshold") is None:
-            return self._commit_pipelined(group)  # no prepared statements (PgBouncer < 1.21)
-        return self._commit_in_one_query(group)
-
-    def _commit_in_one_query(self, group: list[dict[str, Any]]) -> list[int | None]:
-        """PostgreSQL: BEGIN and the whole group as one query string, an EXECUTE of the
-        prepared charge per request, then COMMIT: two round trips. psycopg's pipeline sends
-        each statement with two poll()s of its own, and BEGIN, the sync and COMMIT each with
-        their own round trip: a dozen system calls per group, each letting the GIL go. The
-        COMMIT is sent only once every statement has answered: a group the watchdog gave up
-        on (its requests answered 503) must never commit on the server later by itself, as
-        the implicit transaction of a query string would. The parameters are written into
-        the query as literals by psycopg's client-side binding, which quotes them."""
-        raw = connection.connection
-        names = list(dict.fromkeys(_PARAMETER.findall(self._sql.charge_and_log)))
-        if self._prepared_on is not raw:
-            types = self._sql.types(connection)
-            positions = {name: f"${index}" for index, name in enumerate(names, start=1)}
-            statement = _PARAMETER.sub(lambda found: positions[found[1]], self._sql.charge_and_log)
-            declared = ", ".join(types[name] for name in names)
-            raw.execute(f"PREPARE {_PREPARED_CHARGE} ({declared}) AS {statement}", prepare=False)
-            self._prepared_on = raw
-        call = f"EXECUTE {_PREPARED_CHARGE} ({', '.join(f'%({name})s' for name in names)})"
-        literal = psycopg.ClientCursor(raw)
-        query = "; ".join(["BEGIN", *(literal.mogrify(call, params) for params in group)])
-        results: list[int | None] = []
-        round_trip = bounded_round_trip(raw.fileno(), settings.DATABASE_ROUND_TRIP_SECONDS)
-        with round_trip, raw.cursor() as cursor:
-            cursor.execute(query.encode(), prepare=False)
-            while cursor.nextset():  # the first result is BEGIN's
-                row = cursor.fetchone()
-                results.append(None if row is None else int(row[0]))
-            if len(results) != len(group):  # never commit what cannot be told to its request
-                raise psycopg.InterfaceError(f"{len(results)} answers to {len(group)} charges")
-            cursor.execute(b"COMMIT", prepare=False)
-        return results
+        if connection.vendor == "postgresql":
+            return self._commit_pipelined(group)
+        return self._commit_in_turn(group)
 
     def _commit_pipelined(self, group: list[dict[str, Any]]) -> list[int | None]:
-        """PostgreSQL without prepared statements: one transaction, the statements pipelined,
-        each one's answer read."""
+        """PostgreSQL: one round trip, the statements pipelined, each one's answer read."""
         raw = connection.connection
         results: list[int | None] = []
         round_trip = bounded_round_trip(raw.fileno(), settings.DATABASE_ROUND_TRIP_SECONDS)

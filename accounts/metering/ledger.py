@@ -18,8 +18,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import CharField
 from django.utils import timezone
 
 from accounts.metering.group_commit import ChargeGroups, ChargeSQL, PendingCharge, writes_in_turn
@@ -257,23 +255,8 @@ def _settle(
     _note_spent(tenant_id, period_start, spent_after)
 
 
-def _parameter_types(db: BaseDatabaseWrapper) -> dict[str, str]:
-    """The database type of each parameter of the charge statements: its column's, or text for
-    a varchar(n) column (so that a value too long fails on the column as it always did, instead
-    of being cut to fit the parameter)."""
-    fields = {field.attname: field for field in UsageLog._meta.concrete_fields}
-    fields["period_start"] = QuotaPeriod._meta.get_field("period_start")
-    fields["default_quota"] = Tenant._meta.get_field("monthly_token_quota")
-    return {
-        name: "text" if isinstance(field, CharField) else str(field.db_type(db))
-        for name, field in fields.items()
-    }
-
-
 _groups = ChargeGroups(
-    ChargeSQL(
-        charge_and_log=_CHARGE_AND_LOG_SQL, charge=_CHARGE_SQL, log=_LOG_SQL, types=_parameter_types
-    )
+    ChargeSQL(charge_and_log=_CHARGE_AND_LOG_SQL, charge=_CHARGE_SQL, log=_LOG_SQL)
 )
 
 
