@@ -3,12 +3,12 @@ settings can name the connection class)."""
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
-
-from embedplatform.sockets import use_kernel_timeouts
 
 
 class RequestState(threading.local):
@@ -81,10 +81,8 @@ class FailFastRedisConnection(_RedisConnection):
         sock = self._sock
         if sock is None:
             raise _RedisConnectionError("Not connected to Redis.")
-        # redis-py restores Python's timeout when it uses the socket itself (its health
-        # check); the next exchange comes back here.
         if sock.gettimeout() is not None and not isinstance(sock, ssl.SSLSocket):
-            use_kernel_timeouts(sock, self.socket_timeout)
+            _use_kernel_timeouts(sock, self.socket_timeout)
         data = b""
         try:
             sock.sendall(payload)
@@ -107,6 +105,21 @@ class FailFastRedisConnection(_RedisConnection):
                 error: Exception = self._parser.parse_error(line[1:].decode(errors="replace"))
                 raise error
         return lines
+
+
+def _use_kernel_timeouts(sock: socket.socket, seconds: float | None) -> None:
+    """Makes a plain TCP socket blocking, bounded by the kernel's send and receive timeouts
+    instead of Python's. With Python's, each send and each receive is a poll() and then the
+    call, and each of the two lets the GIL go: among busy request threads, taking it back
+    costs more than the call. redis-py restores Python's timeout when it uses the socket
+    itself (its health check); the next exchange comes back here."""
+    if seconds is None or seconds < 0.001:  # a zero timeval would mean no timeout at all
+        return
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class FailFastSSLRedisConnection(FailFastRedisConnection, _RedisSSLConnection):

@@ -33,8 +33,6 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-from embedplatform.sockets import SettledSocket, is_plain, use_kernel_timeouts
-
 T = TypeVar("T")
 
 # Time kept back before the graceful deadline to answer and log what is refused.
@@ -236,7 +234,7 @@ class GracefulThreadWorker(ThreadWorker):
             super().accept(listener)
 
     def handle_request(self, req: Any, conn: Any) -> Any:
-        bound_by_client_timeout(conn.sock)
+        conn.sock.settimeout(client_timeout())
         keepalive = super().handle_request(req, conn)
         if not self.alive:  # max_requests reached: this worker drains and leaves
             begin_stopping(self.cfg.graceful_timeout)
@@ -245,20 +243,6 @@ class GracefulThreadWorker(ThreadWorker):
 
 def client_timeout() -> float:
     return float(os.environ.get("GUNICORN_CLIENT_TIMEOUT") or 30)
-
-
-def bound_by_client_timeout(sock: Any) -> None:
-    """Bounds each read of a request's body and each write of its answer by the client
-    timeout. On a plain TCP connection the kernel keeps it, set at the first request, and the
-    socket stops making system calls to set the mode it has: the kept-alive requests that
-    follow cost no ioctl, and no poll() before each send and receive."""
-    timeout = client_timeout()
-    if isinstance(sock, SettledSocket):
-        return  # bounded by the kernel since its first request
-    if is_plain(sock) and use_kernel_timeouts(sock, timeout):
-        sock.__class__ = SettledSocket
-    else:  # TLS: Python's timeout, which gunicorn's setblocking(True) resets each time
-        sock.settimeout(timeout)
 
 
 def wait_within_encode_timeout(wait: Callable[[float], bool], timeout: float) -> bool:

@@ -23,7 +23,6 @@ from gunicorn.http.wsgi import Response
 
 from embedplatform import shutdown
 from embedplatform.shutdown import GracefulThreadWorker, OneWriteResponse
-from embedplatform.sockets import SettledSocket
 from tests.conftest import Person
 from tests.service import start_service
 
@@ -279,67 +278,3 @@ def test_it_serves_kept_alive_connections_at_once_after_a_pause_and_pipelined(
     finally:
         assert service.stop() == 0
     assert "Traceback" not in service.log()
-
-
-def test_it_bounds_a_plain_connection_by_the_kernel_once_and_keeps_it_blocking(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("GUNICORN_CLIENT_TIMEOUT", "0.3")
-    server, client = socket.socketpair()
-    try:
-        shutdown.bound_by_client_timeout(server)
-        shutdown.bound_by_client_timeout(server)  # the next kept-alive request: nothing to do
-
-        assert isinstance(server, SettledSocket)
-        assert server.gettimeout() is None  # no poll() before each send and receive
-        started = time.monotonic()
-        with pytest.raises(BlockingIOError):  # the client sends nothing: the kernel's timeout
-            server.recv(1024)
-        assert 0.2 < time.monotonic() - started < 3
-        client.sendall(b"GET / HTTP/1.1\r\n")
-        assert server.recv(1024) == b"GET / HTTP/1.1\r\n"
-    finally:
-        server.close()
-        client.close()
-
-
-def test_it_keeps_pythons_timeout_where_the_kernel_cannot_hold_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("GUNICORN_CLIENT_TIMEOUT", "0.0001")  # below the kernel's resolution here
-    server, client = socket.socketpair()
-    try:
-        shutdown.bound_by_client_timeout(server)
-        assert type(server) is socket.socket
-        assert server.gettimeout() == pytest.approx(0.0001)
-    finally:
-        server.close()
-        client.close()
-
-
-def test_it_sets_a_socket_mode_only_when_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """gunicorn's setblocking(True) before each kept-alive request and the parser's
-    settimeout(prior) after each body: each an ioctl that lets the GIL go, for nothing."""
-    changes: list[float | None] = []
-    set_mode = socket.socket.settimeout
-
-    def counted(sock: socket.socket, value: float | None) -> None:
-        changes.append(value)
-        set_mode(sock, value)
-
-    monkeypatch.setattr(socket.socket, "settimeout", counted)
-    server, client = socket.socketpair()
-    try:
-        server.__class__ = SettledSocket
-        server.setblocking(True)
-        server.settimeout(None)
-        server.setblocking(False)  # to gunicorn's poller
-        server.setblocking(False)
-        server.setblocking(True)  # and back to a thread
-        server.settimeout(2.5)
-
-        assert changes == [0.0, None, 2.5]
-        assert server.gettimeout() == 2.5
-    finally:
-        server.close()
-        client.close()
