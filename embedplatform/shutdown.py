@@ -265,9 +265,9 @@ def wait_for_result(future: Future[T], timeout: float) -> T:
         try:
             future.result(timeout=seconds)
         except FutureTimeout:
-            if not future.done():
-                return False
-            raise  # the future's own error, which happens to be a TimeoutError
+            # The wait's own timeout, unless the answer came meanwhile: then the future.result()
+            # below gives it (or the future's own error, a TimeoutError as it may be).
+            return future.done()
         return True
 
     if not wait_within_encode_timeout(settled, timeout):

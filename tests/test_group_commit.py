@@ -117,7 +117,7 @@ def test_it_answers_503_and_charges_nothing_when_the_database_does_not_answer_in
     assert charged(alice.tenant) == logged(alice.tenant) == 2 * 4
 
 
-def record_of(person: Person, *, tokens: int) -> ledger.UsageRecord:
+def record_of(person: Person, tokens: int) -> ledger.UsageRecord:
     return ledger.UsageRecord(
         caller=Caller(user=person.user, tenant=person.tenant),
         endpoint="embed",
@@ -137,7 +137,7 @@ def test_it_charges_as_soon_as_the_model_answers_without_the_request_thread(
     assert embed(alice).status_code == 200  # the month's quota row exists from here on
     model: Future[str] = Future()
     charge = ledger.charge_after_model(
-        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
     )
     assert charge is not None
 
@@ -159,7 +159,7 @@ def test_it_withdraws_the_charge_of_a_request_whose_model_answer_came_too_late(
     assert embed(alice).status_code == 200
     model: Future[str] = Future()
     charge = ledger.charge_after_model(
-        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
     )
     assert charge is not None
 
@@ -187,7 +187,7 @@ def test_it_waits_for_a_charge_already_being_committed_when_the_model_wait_ends(
             )
             model: Future[str] = Future()
             charge = ledger.charge_after_model(
-                future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+                future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
             )
             assert charge is not None
             model.set_result("vectors")
@@ -210,7 +210,7 @@ def test_it_answers_a_request_the_model_failed_and_charges_nothing(
     assert embed(alice).status_code == 200
     model: Future[str] = Future()
     charge = ledger.charge_after_model(
-        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, tokens=7)
+        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
     )
     assert charge is not None
 
@@ -220,3 +220,44 @@ def test_it_answers_a_request_the_model_failed_and_charges_nothing(
     with pytest.raises(RuntimeError):
         model.result()
     assert charged(alice.tenant) == logged(alice.tenant) == 4
+
+
+def test_it_serves_a_request_whose_charge_waits_behind_another_group_past_the_model_timeout(
+    alice: Person, fake_encoder: FakeEncoder
+) -> None:
+    """The model's timeout covers the model: once it has answered, a charge queued behind a
+    slow group is waited for under the writer's own bound, not refused 503 model_overloaded."""
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200
+    holder = connections.create_connection("default")
+    try:
+        with holder.cursor() as cursor:  # holds the quota row: the writer's first group waits
+            cursor.execute("BEGIN")
+            cursor.execute(
+                "SELECT tokens FROM accounts_quotaperiod WHERE tenant_id = %s FOR UPDATE",
+                [alice.tenant.pk],
+            )
+            first_model: Future[str] = Future()
+            first = ledger.charge_after_model(
+                future=first_model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
+            )
+            assert first is not None
+            first_model.set_result("vectors")
+            time.sleep(0.5)  # the writer has taken the first charge and waits on the row
+            second_model: Future[str] = Future()
+            second = ledger.charge_after_model(
+                future=second_model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 5)
+            )
+            assert second is not None
+            second_model.set_result("vectors")  # queued behind the first group
+            release = threading.Timer(1.0, lambda: cursor.execute("ROLLBACK"))
+            release.start()
+            second.wait(second_model, timeout=0.2)  # past its timeout, still queued
+            first.wait(first_model, timeout=0.2)
+            release.join()
+    finally:
+        holder.close()
+
+    first.settle()
+    second.settle()
+    assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7 + 5

@@ -10,6 +10,8 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -278,3 +280,24 @@ def test_it_serves_kept_alive_connections_at_once_after_a_pause_and_pipelined(
     finally:
         assert service.stop() == 0
     assert "Traceback" not in service.log()
+
+
+class AnsweredDuringTheWait(Future[str]):
+    """A future whose answer comes just as a wait for it gives up."""
+
+    def result(self, timeout: float | None = None) -> str:
+        if not self.done():
+            self.set_result("vectors")
+            raise FutureTimeout
+        return super().result(timeout)
+
+
+def test_it_takes_an_answer_that_came_as_the_wait_for_it_gave_up() -> None:
+    assert shutdown.wait_for_result(AnsweredDuringTheWait(), timeout=5) == "vectors"
+
+
+def test_it_gives_a_future_that_never_answers_up_after_its_timeout() -> None:
+    started = time.monotonic()
+    with pytest.raises(FutureTimeout):
+        shutdown.wait_for_result(Future(), timeout=0.2)
+    assert 0.15 < time.monotonic() - started < 2

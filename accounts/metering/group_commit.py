@@ -24,6 +24,7 @@ request's 503 `database_unavailable`): nothing of it was committed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -50,6 +51,8 @@ _DATABASE_FAULTS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
 )
+
+logger = logging.getLogger(__name__)
 
 # Beyond this many charges a transaction holds the tenant's quota row longer than it saves.
 MAX_GROUP = 64
@@ -154,8 +157,7 @@ class ChargeGroups:
         item = PendingCharge(params, _QUEUED)
         with self._lock:
             self._enqueue(item)
-        if not item.wait(_writer_bound()):
-            raise OperationalError("The database did not answer in time.")
+        self._wait_for_writer(item)
         return item.outcome()
 
     def charge_when_done(
@@ -190,24 +192,33 @@ class ChargeGroups:
         self, future: Future[Any], item: PendingCharge, *, timeout: float
     ) -> None:
         """Waits for the model (at most `timeout`, cut short when the worker stops) and then for
-        the charge `charge_when_done` queued. Past the timeout, a charge the writer has not
-        taken yet is withdrawn, the future cancelled and FutureTimeout raised: nothing is
-        charged; one the writer is committing is waited for, as it may be charged already."""
+        the charge `charge_when_done` queued. A model that has not answered by then is given
+        up on: the charge is withdrawn, the future cancelled and FutureTimeout raised, and
+        nothing is charged. Once the model has answered, the charge is waited for as alone
+        (`charge`): the writer's own bound decides, not the model's."""
         if wait_within_encode_timeout(item.wait, timeout):
             return
         with self._lock:
-            if item.state in (_AWAITING_MODEL, _QUEUED):
-                if item.state == _QUEUED:
-                    self._waiting.remove(item)
+            withdrawn = item.state == _AWAITING_MODEL
+            if withdrawn:
                 item.state = _WITHDRAWN
-                withdrawn = True
-            else:
-                withdrawn = False
         if withdrawn:
             future.cancel()
             raise FutureTimeout
-        if not item.wait(_writer_bound()):
-            raise OperationalError("The database did not answer in time.")
+        self._wait_for_writer(item)
+
+    def _wait_for_writer(self, item: PendingCharge) -> None:
+        """Waits for a queued charge's group. Should the writer not answer within its bound, a
+        charge it has not taken yet is withdrawn, so that the request's 503 is never followed
+        by its charge; one the writer took is past recall (its round trips are bounded by the
+        watchdog, so this is a writer gone wrong)."""
+        if item.wait(_writer_bound()):
+            return
+        with self._lock:
+            if item.state == _QUEUED:
+                self._waiting.remove(item)
+                item.state = _WITHDRAWN
+        raise OperationalError("The database did not answer in time.")
 
     def _enqueue(self, item: PendingCharge) -> None:
         # Called with the lock held.
@@ -248,16 +259,21 @@ class ChargeGroups:
                     item.state = _COMMITTING
             try:
                 results = self._commit([item.params for item in group])
+                for item, spent_after in zip(group, results, strict=True):
+                    item.spent_after = spent_after
             except BaseException as exc:  # every waiting request must hear of it
+                if not isinstance(exc, _DATABASE_FAULTS):
+                    # Not the database: each request is charged alone instead, and someone
+                    # should know why groups fail.
+                    logger.warning(
+                        "charge_group_failed", extra={"error": f"{type(exc).__name__}: {exc}"}
+                    )
                 for item in group:
                     item.error = exc
                 try:
                     connection.close()  # the next group starts on a fresh connection
                 except Exception:  # a broken connection may fail to close; it is gone anyway
                     connection.connection = None
-            else:
-                for item, spent_after in zip(group, results, strict=True):
-                    item.spent_after = spent_after
             finally:
                 for item in group:
                     item.state = _ANSWERED
@@ -291,6 +307,8 @@ class ChargeGroups:
                 results.append(None if row is None else int(row[0]))
                 if not cursor.nextset():
                     break
+            if len(results) != len(group):  # roll back what could not be told to its request
+                raise psycopg.InterfaceError(f"{len(results)} answers to {len(group)} charges")
         return results
 
     def _commit_in_turn(self, group: list[dict[str, Any]]) -> list[int | None]:
