@@ -4,8 +4,10 @@ with its usage row, or refused with nothing charged."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -43,6 +45,55 @@ def groups() -> tuple[float, float]:
         for sample in family.samples
     }
     return samples["embed_charge_group_size_sum"], samples["embed_charge_group_size_count"]
+
+
+@contextlib.contextmanager
+def quota_row_held(tenant: Tenant) -> Iterator[Callable[[float], None]]:
+    """Holds the tenant's quota row in a session of its own, so that the writer's charges wait
+    on it, until the block ends or until `release_in(seconds)` lets it go."""
+    holder = connections.create_connection("default")
+    timers: list[threading.Timer] = []
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(
+                "SELECT tokens FROM accounts_quotaperiod WHERE tenant_id = %s FOR UPDATE",
+                [tenant.pk],
+            )
+
+            def release_in(seconds: float) -> None:
+                timers.append(threading.Timer(seconds, lambda: cursor.execute("ROLLBACK")))
+                timers[-1].start()
+
+            yield release_in
+            for timer in timers:
+                timer.join()
+            if not timers:
+                cursor.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+
+def record_of(person: Person, tokens: int) -> ledger.UsageRecord:
+    return ledger.UsageRecord(
+        caller=Caller(user=person.user, tenant=person.tenant),
+        endpoint="embed",
+        model="fake",
+        inputs=1,
+        tokens=tokens,
+        status_code=200,
+        latency_ms=1.0,
+        request_id="r1",
+    )
+
+
+def charge_after(model: Future[str], person: Person, tokens: int) -> ledger.ChargeAfterModel:
+    """The charge of a `tokens`-token request of `person`, queued when `model` answers."""
+    charge = ledger.charge_after_model(
+        future=model, tenant_id=person.tenant.pk, record=lambda: record_of(person, tokens)
+    )
+    assert charge is not None  # charges are committed in groups here
+    return charge
 
 
 def test_it_commits_concurrent_charges_together_each_exactly_once(
@@ -96,19 +147,8 @@ def test_it_answers_503_and_charges_nothing_when_the_database_does_not_answer_in
 ) -> None:
     unlimited(alice.tenant)
     assert embed(alice).status_code == 200
-    holder = connections.create_connection("default")
-    try:
-        with holder.cursor() as cursor:  # holds the quota row: the next charge waits on it
-            cursor.execute("BEGIN")
-            cursor.execute(
-                "SELECT tokens FROM accounts_quotaperiod WHERE tenant_id = %s FOR UPDATE",
-                [alice.tenant.pk],
-            )
-            with override_settings(DATABASE_ROUND_TRIP_SECONDS=1.0):
-                response = embed(alice)
-            cursor.execute("ROLLBACK")
-    finally:
-        holder.close()
+    with quota_row_held(alice.tenant), override_settings(DATABASE_ROUND_TRIP_SECONDS=1.0):
+        response = embed(alice)  # its charge waits on the held row past the round-trip bound
 
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "database_unavailable"
@@ -117,29 +157,13 @@ def test_it_answers_503_and_charges_nothing_when_the_database_does_not_answer_in
     assert charged(alice.tenant) == logged(alice.tenant) == 2 * 4
 
 
-def record_of(person: Person, tokens: int) -> ledger.UsageRecord:
-    return ledger.UsageRecord(
-        caller=Caller(user=person.user, tenant=person.tenant),
-        endpoint="embed",
-        model="fake",
-        inputs=1,
-        tokens=tokens,
-        status_code=200,
-        latency_ms=1.0,
-        request_id="r1",
-    )
-
-
 def test_it_charges_as_soon_as_the_model_answers_without_the_request_thread(
     alice: Person, fake_encoder: FakeEncoder
 ) -> None:
     unlimited(alice.tenant)
     assert embed(alice).status_code == 200  # the month's quota row exists from here on
     model: Future[str] = Future()
-    charge = ledger.charge_after_model(
-        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
-    )
-    assert charge is not None
+    charge = charge_after(model, alice, 7)
 
     model.set_result("vectors")  # as the batcher does, from its own thread
 
@@ -158,10 +182,7 @@ def test_it_withdraws_the_charge_of_a_request_whose_model_answer_came_too_late(
     unlimited(alice.tenant)
     assert embed(alice).status_code == 200
     model: Future[str] = Future()
-    charge = ledger.charge_after_model(
-        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
-    )
-    assert charge is not None
+    charge = charge_after(model, alice, 7)
 
     with pytest.raises(FutureTimeout):
         charge.wait(model, timeout=0.2)
@@ -177,26 +198,12 @@ def test_it_waits_for_a_charge_already_being_committed_when_the_model_wait_ends(
     commit, so the request waits for it and is served instead."""
     unlimited(alice.tenant)
     assert embed(alice).status_code == 200
-    holder = connections.create_connection("default")
-    try:
-        with holder.cursor() as cursor:  # holds the quota row: the writer's charge waits on it
-            cursor.execute("BEGIN")
-            cursor.execute(
-                "SELECT tokens FROM accounts_quotaperiod WHERE tenant_id = %s FOR UPDATE",
-                [alice.tenant.pk],
-            )
-            model: Future[str] = Future()
-            charge = ledger.charge_after_model(
-                future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
-            )
-            assert charge is not None
-            model.set_result("vectors")
-            release = threading.Timer(1.0, lambda: cursor.execute("ROLLBACK"))
-            release.start()
-            charge.wait(model, timeout=0.2)  # past its timeout while the writer commits
-            release.join()
-    finally:
-        holder.close()
+    model: Future[str] = Future()
+    with quota_row_held(alice.tenant) as release_in:
+        charge = charge_after(model, alice, 7)
+        model.set_result("vectors")
+        release_in(1.0)
+        charge.wait(model, timeout=0.2)  # past its timeout while the writer commits
 
     charge.settle()
     assert not model.cancelled()
@@ -209,10 +216,7 @@ def test_it_answers_a_request_the_model_failed_and_charges_nothing(
     unlimited(alice.tenant)
     assert embed(alice).status_code == 200
     model: Future[str] = Future()
-    charge = ledger.charge_after_model(
-        future=model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
-    )
-    assert charge is not None
+    charge = charge_after(model, alice, 7)
 
     model.set_exception(RuntimeError("the model broke"))
 
@@ -229,34 +233,17 @@ def test_it_serves_a_request_whose_charge_waits_behind_another_group_past_the_mo
     slow group is waited for under the writer's own bound, not refused 503 model_overloaded."""
     unlimited(alice.tenant)
     assert embed(alice).status_code == 200
-    holder = connections.create_connection("default")
-    try:
-        with holder.cursor() as cursor:  # holds the quota row: the writer's first group waits
-            cursor.execute("BEGIN")
-            cursor.execute(
-                "SELECT tokens FROM accounts_quotaperiod WHERE tenant_id = %s FOR UPDATE",
-                [alice.tenant.pk],
-            )
-            first_model: Future[str] = Future()
-            first = ledger.charge_after_model(
-                future=first_model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 7)
-            )
-            assert first is not None
-            first_model.set_result("vectors")
-            time.sleep(0.5)  # the writer has taken the first charge and waits on the row
-            second_model: Future[str] = Future()
-            second = ledger.charge_after_model(
-                future=second_model, tenant_id=alice.tenant.pk, record=lambda: record_of(alice, 5)
-            )
-            assert second is not None
-            second_model.set_result("vectors")  # queued behind the first group
-            release = threading.Timer(1.0, lambda: cursor.execute("ROLLBACK"))
-            release.start()
-            second.wait(second_model, timeout=0.2)  # past its timeout, still queued
-            first.wait(first_model, timeout=0.2)
-            release.join()
-    finally:
-        holder.close()
+    first_model: Future[str] = Future()
+    second_model: Future[str] = Future()
+    with quota_row_held(alice.tenant) as release_in:
+        first = charge_after(first_model, alice, 7)
+        first_model.set_result("vectors")
+        time.sleep(0.5)  # the writer has taken the first charge and waits on the row
+        second = charge_after(second_model, alice, 5)
+        second_model.set_result("vectors")  # queued behind the first group
+        release_in(1.0)
+        second.wait(second_model, timeout=0.2)  # past its timeout, still queued
+        first.wait(first_model, timeout=0.2)
 
     first.settle()
     second.settle()
