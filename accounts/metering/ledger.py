@@ -236,8 +236,9 @@ def _charges_in_groups() -> bool:
 def _settle(
     *, tenant_id: int, period_start: date, params: dict[str, Any], spent_after: int | None
 ) -> None:
-    """Where the one-statement charge charged nothing (SQLite always; elsewhere the month's
-    first charge, or a spent quota), the charge and its row in a transaction of their own."""
+    """Where no statement has charged yet (`spent_after` None: SQLite outside a group, the
+    month's first charge, whose quota row does not exist yet, or a spent quota), the charge and
+    its row in a transaction of their own; QuotaExceeded when the quota has no room."""
     if spent_after is None:
         with writes_in_turn(connection), transaction.atomic():
             spent_after = _charge(params)
