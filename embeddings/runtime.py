@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 from django.conf import settings
@@ -98,11 +97,7 @@ class Runtime:
     ) -> np.ndarray:
         """`submit`, and the answer; `FutureTimeout` after ENCODE_TIMEOUT_SECONDS."""
         future = self.submit(tokenized, key=key, max_texts_in_flight=max_texts_in_flight)
-        try:
-            return wait_for_result(future, settings.ENCODE_TIMEOUT_SECONDS)
-        except FutureTimeout:
-            future.cancel()  # the batcher skips what nobody waits for any more
-            raise
+        return wait_for_result(future, settings.ENCODE_TIMEOUT_SECONDS)
 
     def close(self) -> None:
         self.batcher.close()

@@ -96,9 +96,6 @@ def input_too_long(refusal: InputTooLong, *, param: str, count: int) -> Exceptio
 
 def chunks(tokenized: Tokenized, size: int) -> Iterator[Tokenized]:
     """`tokenized` in runs of at most `size` texts, in order."""
-    if len(tokenized.inputs) <= size:  # the common case: one run, the request's own
-        yield tokenized
-        return
     for start in range(0, len(tokenized.inputs), size):
         window = slice(start, start + size)
         yield replace(

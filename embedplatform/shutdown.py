@@ -259,7 +259,8 @@ def wait_within_encode_timeout(wait: Callable[[float], bool], timeout: float) ->
 
 
 def wait_for_result(future: Future[T], timeout: float) -> T:
-    """future.result(timeout), with `wait_within_encode_timeout`'s end (TimeoutError)."""
+    """future.result(timeout), with `wait_within_encode_timeout`'s end: TimeoutError, and the
+    future is cancelled (the batcher skips what nobody waits for any more)."""
 
     def settled(seconds: float) -> bool:
         try:
@@ -271,5 +272,6 @@ def wait_for_result(future: Future[T], timeout: float) -> T:
         return True
 
     if not wait_within_encode_timeout(settled, timeout):
+        future.cancel()
         raise FutureTimeout
     return future.result()

@@ -87,6 +87,14 @@ def record_of(person: Person, tokens: int) -> ledger.UsageRecord:
     )
 
 
+@pytest.fixture
+def served_once(alice: Person, fake_encoder: FakeEncoder) -> None:
+    """Alice with room for any number of requests and one served already: her month's quota
+    row exists, and 4 tokens are charged."""
+    unlimited(alice.tenant)
+    assert embed(alice).status_code == 200
+
+
 def charge_after(model: Future[str], person: Person, tokens: int) -> ledger.ChargeAfterModel:
     """The charge of a `tokens`-token request of `person`, queued when `model` answers."""
     charge = ledger.charge_after_model(
@@ -157,11 +165,8 @@ def test_it_answers_503_and_charges_nothing_when_the_database_does_not_answer_in
     assert charged(alice.tenant) == logged(alice.tenant) == 2 * 4
 
 
-def test_it_charges_as_soon_as_the_model_answers_without_the_request_thread(
-    alice: Person, fake_encoder: FakeEncoder
-) -> None:
-    unlimited(alice.tenant)
-    assert embed(alice).status_code == 200  # the month's quota row exists from here on
+@pytest.mark.usefixtures("served_once")
+def test_it_charges_as_soon_as_the_model_answers_without_the_request_thread(alice: Person) -> None:
     model: Future[str] = Future()
     charge = charge_after(model, alice, 7)
 
@@ -176,11 +181,10 @@ def test_it_charges_as_soon_as_the_model_answers_without_the_request_thread(
     assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7  # once, not twice
 
 
+@pytest.mark.usefixtures("served_once")
 def test_it_withdraws_the_charge_of_a_request_whose_model_answer_came_too_late(
-    alice: Person, fake_encoder: FakeEncoder
+    alice: Person,
 ) -> None:
-    unlimited(alice.tenant)
-    assert embed(alice).status_code == 200
     model: Future[str] = Future()
     charge = charge_after(model, alice, 7)
 
@@ -191,13 +195,12 @@ def test_it_withdraws_the_charge_of_a_request_whose_model_answer_came_too_late(
     assert charged(alice.tenant) == logged(alice.tenant) == 4
 
 
+@pytest.mark.usefixtures("served_once")
 def test_it_waits_for_a_charge_already_being_committed_when_the_model_wait_ends(
-    alice: Person, fake_encoder: FakeEncoder
+    alice: Person,
 ) -> None:
     """A request answered 503 must not have been charged: a charge the writer has taken may
     commit, so the request waits for it and is served instead."""
-    unlimited(alice.tenant)
-    assert embed(alice).status_code == 200
     model: Future[str] = Future()
     with quota_row_held(alice.tenant) as release_in:
         charge = charge_after(model, alice, 7)
@@ -210,11 +213,8 @@ def test_it_waits_for_a_charge_already_being_committed_when_the_model_wait_ends(
     assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7
 
 
-def test_it_answers_a_request_the_model_failed_and_charges_nothing(
-    alice: Person, fake_encoder: FakeEncoder
-) -> None:
-    unlimited(alice.tenant)
-    assert embed(alice).status_code == 200
+@pytest.mark.usefixtures("served_once")
+def test_it_answers_a_request_the_model_failed_and_charges_nothing(alice: Person) -> None:
     model: Future[str] = Future()
     charge = charge_after(model, alice, 7)
 
@@ -226,13 +226,12 @@ def test_it_answers_a_request_the_model_failed_and_charges_nothing(
     assert charged(alice.tenant) == logged(alice.tenant) == 4
 
 
+@pytest.mark.usefixtures("served_once")
 def test_it_serves_a_request_whose_charge_waits_behind_another_group_past_the_model_timeout(
-    alice: Person, fake_encoder: FakeEncoder
+    alice: Person,
 ) -> None:
     """The model's timeout covers the model: once it has answered, a charge queued behind a
     slow group is waited for under the writer's own bound, not refused 503 model_overloaded."""
-    unlimited(alice.tenant)
-    assert embed(alice).status_code == 200
     first_model: Future[str] = Future()
     second_model: Future[str] = Future()
     with quota_row_held(alice.tenant) as release_in:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -162,11 +161,7 @@ class Meter:
         )
         if charge is None:
             with self.timed("model"):
-                try:
-                    answer = wait_for_result(future, timeout)
-                except FutureTimeout:
-                    future.cancel()  # the batcher skips what nobody waits for any more
-                    raise
+                answer = wait_for_result(future, timeout)
             self.served()
             return answer
         waiting_since = time.perf_counter()
