@@ -16,9 +16,12 @@ from django.db import connection, connections
 from django.test import override_settings
 
 from accounts.metering import ledger
-from accounts.models import Tenant, UsageLog
+from accounts.metering.group_commit import tenant_charges
+from accounts.models import QuotaPeriod, Tenant, UsageLog
+from accounts.selectors import current_period_start
 from accounts.services import Caller
 from embedplatform import metrics
+from embedplatform.errors import QuotaExceeded
 from tests.conftest import FakeEncoder, Person
 from tests.helpers import at_once, charged, embed, logged
 
@@ -72,6 +75,11 @@ def quota_row_held(tenant: Tenant) -> Iterator[Callable[[float], None]]:
                 cursor.execute("ROLLBACK")
     finally:
         holder.close()
+
+
+def quota_requests(tenant: Tenant) -> int:
+    """The requests charged to the tenant's quota this month."""
+    return QuotaPeriod.objects.get(tenant=tenant, period_start=current_period_start()).requests
 
 
 def record_of(person: Person, tokens: int) -> ledger.UsageRecord:
@@ -247,3 +255,88 @@ def test_it_serves_a_request_whose_charge_waits_behind_another_group_past_the_mo
     first.settle()
     second.settle()
     assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7 + 5
+
+
+def test_it_makes_one_charge_of_each_tenants_charges_in_a_group() -> None:
+    def params(tenant_id: int, tokens: int, request_id: str) -> dict[str, object]:
+        return {
+            "tenant_id": tenant_id,
+            "period_start": "2026-11-01",
+            "tokens": tokens,
+            "requests": 1,
+            "request_id": request_id,
+        }
+
+    group = [params(1, 7, "a"), params(2, 3, "b"), params(1, 5, "c"), params(1, 2, "d")]
+
+    first, second = tenant_charges(group, ("tokens", "request_id"))
+
+    assert first.members == [0, 2, 3]
+    assert first.params["tenant_id"] == 1
+    assert (first.params["tokens"], first.params["requests"]) == (14, 3)
+    assert first.params["rows_tokens"] == [7, 5, 2]
+    assert first.params["rows_request_id"] == ["a", "c", "d"]
+    assert second.members == [1]
+    assert (second.params["tokens"], second.params["requests"]) == (3, 1)
+    assert second.params["rows_request_id"] == ["b"]
+
+
+@pytest.mark.usefixtures("served_once")
+def test_it_charges_each_tenant_of_a_shared_group_for_its_own_requests(
+    alice: Person, charlie: Person
+) -> None:
+    unlimited(charlie.tenant)
+    assert embed(charlie).status_code == 200
+    models = [Future[str]() for _ in range(5)]
+    charges_before, transactions_before = groups()
+    with quota_row_held(alice.tenant) as release_in:
+        first = charge_after(models[0], alice, 7)
+        models[0].set_result("vectors")
+        time.sleep(0.5)  # the writer has taken the first charge and waits on the row
+        queued = [
+            charge_after(models[1], alice, 5),
+            charge_after(models[2], charlie, 3),
+            charge_after(models[3], alice, 2),
+            charge_after(models[4], charlie, 6),
+        ]
+        for model in models[1:]:
+            model.set_result("vectors")  # one group behind the first, for two tenants
+        release_in(0.2)
+        for charge, model in zip([first, *queued], models, strict=True):
+            charge.wait(model, timeout=10)
+            charge.settle()
+
+    charges, transactions = groups()
+    assert (charges - charges_before, transactions - transactions_before) == (5, 2)
+    assert charged(alice.tenant) == logged(alice.tenant) == 4 + 7 + 5 + 2
+    assert charged(charlie.tenant) == logged(charlie.tenant) == 4 + 3 + 6
+    assert quota_requests(alice.tenant) == 4
+    assert quota_requests(charlie.tenant) == 3
+    rows = UsageLog.objects.filter(tenant=charlie.tenant).values_list("tokens", flat=True)
+    assert sorted(rows) == [3, 4, 6]
+
+
+@pytest.mark.usefixtures("served_once")
+def test_it_charges_one_by_one_the_requests_of_a_group_whose_sum_does_not_fit(
+    alice: Person,
+) -> None:
+    Tenant.objects.filter(pk=alice.tenant.pk).update(monthly_token_quota=4 + 1 + 9)
+    models = [Future[str]() for _ in range(3)]
+    with quota_row_held(alice.tenant) as release_in:
+        first = charge_after(models[0], alice, 1)
+        models[0].set_result("vectors")
+        time.sleep(0.5)  # the writer has taken the first charge and waits on the row
+        fits = charge_after(models[1], alice, 6)
+        too_many = charge_after(models[2], alice, 5)
+        models[1].set_result("vectors")
+        models[2].set_result("vectors")  # 11 tokens together: 9 are left
+        release_in(0.2)
+        for charge, model in zip([first, fits, too_many], models, strict=True):
+            charge.wait(model, timeout=10)
+        first.settle()
+        fits.settle()
+        with pytest.raises(QuotaExceeded):
+            too_many.settle()
+
+    assert charged(alice.tenant) == logged(alice.tenant) == 4 + 1 + 6
+    assert quota_requests(alice.tenant) == 3

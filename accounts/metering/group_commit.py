@@ -13,12 +13,16 @@ A charge can also follow the model's answer with no request thread in between
 request thread wakes once, when both are done, instead of once for the model and once for the
 commit.
 
-Every statement in a group is the same conditional charge as alone (ledger's charge SQL), so
-the statements run one after the other inside the transaction and each sees the ones before
-it: no interleaving can overspend. A statement that charges nothing (the quota is spent, or the
-month has no quota row yet) says so, and its request goes on as it would alone (ledger's slow
-path). A group that fails fails each of its requests with the error (a database fault is the
-request's 503 `database_unavailable`): nothing of it was committed.
+A tenant's charges in a group are one charge of their sum: the same conditional charge as
+alone (ledger's charge SQL), which happens only if the sum fits in the live quota, with their
+usage rows written only if it did. One UPDATE of the tenant's quota row instead of one per
+request: PostgreSQL keeps every version of a row that one transaction updates, and each UPDATE
+walks past the ones before it. The statements of a group's tenants run one after the other
+inside the transaction and each sees the ones before it: no interleaving can overspend. A
+statement that charges nothing (the sum does not fit, or the month has no quota row yet) says
+so, and each of its requests goes on as it would alone (ledger's slow path), which charges those
+that fit one by one. A group that fails fails each of its requests with the error (a database
+fault is the request's 503 `database_unavailable`): nothing of it was committed.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 # Beyond this many charges a transaction holds the tenant's quota row longer than it saves.
 MAX_GROUP = 64
+# The parameters of a tenant's charge (`tenant_charges`) hold its usage rows' values as one
+# list per column, each named this prefix and the column.
+ROWS_PREFIX = "rows_"
 
 
 def _writer_bound() -> float:
@@ -93,12 +100,42 @@ def writes_in_turn(db: BaseDatabaseWrapper) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ChargeSQL:
-    """The statements of one charge: `charge_and_log` does both in one statement (PostgreSQL);
-    elsewhere `charge` runs, then `log` if it charged."""
+    """The statements of a tenant's charge: `charge_and_log_rows` charges and writes the usage
+    rows (`row_columns`, as lists: `tenant_charges`) in one statement (PostgreSQL); elsewhere
+    `charge` runs, then `log` for each row if it charged."""
 
-    charge_and_log: str
+    charge_and_log_rows: str
     charge: str
     log: str
+    row_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TenantCharge:
+    """The charges of one tenant and month in a group, as one: `members` are their places in
+    the group, `params` the charge's (the sum of their tokens and their number of requests)."""
+
+    members: list[int]
+    params: dict[str, Any]
+
+
+def tenant_charges(group: list[dict[str, Any]], row_columns: tuple[str, ...]) -> list[TenantCharge]:
+    """The group's charges by tenant and month, in the order each first appears."""
+    members: dict[tuple[Any, Any], list[int]] = {}
+    for place, params in enumerate(group):
+        members.setdefault((params["tenant_id"], params["period_start"]), []).append(place)
+    charges = []
+    for places in members.values():
+        rows = [group[place] for place in places]
+        params = {
+            **rows[0],
+            "tokens": sum(int(row["tokens"]) for row in rows),
+            "requests": sum(int(row["requests"]) for row in rows),
+        }
+        for column in row_columns:
+            params[ROWS_PREFIX + column] = [row[column] for row in rows]
+        charges.append(TenantCharge(members=places, params=params))
+    return charges
 
 
 # A charge's life: waiting for the model's answer, waiting for the writer, in a transaction,
@@ -296,30 +333,47 @@ class ChargeGroups:
         return self._commit_in_turn(group)
 
     def _commit_pipelined(self, group: list[dict[str, Any]]) -> list[int | None]:
-        """PostgreSQL: one round trip, the statements pipelined, each one's answer read."""
+        """PostgreSQL: one round trip, a statement per tenant pipelined, each one's answer
+        read."""
         raw = connection.connection
-        results: list[int | None] = []
+        charges = tenant_charges(group, self._sql.row_columns)
+        answers: list[int | None] = []
         round_trip = bounded_round_trip(raw.fileno(), settings.DATABASE_ROUND_TRIP_SECONDS)
         with round_trip, raw.transaction(), raw.cursor() as cursor:
-            cursor.executemany(self._sql.charge_and_log, group, returning=True)
+            cursor.executemany(
+                self._sql.charge_and_log_rows, [charge.params for charge in charges], returning=True
+            )
             while True:
                 row = cursor.fetchone()
-                results.append(None if row is None else int(row[0]))
+                answers.append(None if row is None else int(row[0]))
                 if not cursor.nextset():
                     break
-            if len(results) != len(group):  # roll back what could not be told to its request
-                raise psycopg.InterfaceError(f"{len(results)} answers to {len(group)} charges")
-        return results
+            if len(answers) != len(charges):  # roll back what could not be told to its request
+                raise psycopg.InterfaceError(f"{len(answers)} answers to {len(charges)} charges")
+        return _each_member(group, charges, answers)
 
     def _commit_in_turn(self, group: list[dict[str, Any]]) -> list[int | None]:
-        """SQLite: the charges one after the other in one write transaction, taken in this
-        process's turn, each usage row written only where its charge happened."""
-        results: list[int | None] = []
+        """SQLite: a charge per tenant, one after the other in one write transaction taken in
+        this process's turn, the usage rows written only where their charge happened."""
+        charges = tenant_charges(group, self._sql.row_columns)
+        answers: list[int | None] = []
         with writes_in_turn(connection), transaction.atomic(), connection.cursor() as cursor:
-            for params in group:
-                cursor.execute(self._sql.charge, params)
+            for charge in charges:
+                cursor.execute(self._sql.charge, charge.params)
                 row = cursor.fetchone()
                 if row is not None:
-                    cursor.execute(self._sql.log, params)
-                results.append(None if row is None else int(row[0]))
-        return results
+                    for place in charge.members:
+                        cursor.execute(self._sql.log, group[place])
+                answers.append(None if row is None else int(row[0]))
+        return _each_member(group, charges, answers)
+
+
+def _each_member(
+    group: list[dict[str, Any]], charges: list[TenantCharge], answers: list[int | None]
+) -> list[int | None]:
+    """Each charge's answer: its tenant's tokens after the group's charge of them, or None."""
+    results: list[int | None] = [None] * len(group)
+    for charge, answer in zip(charges, answers, strict=True):
+        for place in charge.members:
+            results[place] = answer
+    return results

@@ -20,7 +20,13 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from accounts.metering.group_commit import ChargeGroups, ChargeSQL, PendingCharge, writes_in_turn
+from accounts.metering.group_commit import (
+    ROWS_PREFIX,
+    ChargeGroups,
+    ChargeSQL,
+    PendingCharge,
+    writes_in_turn,
+)
 from accounts.models import Plan, QuotaPeriod, Tenant, UsageLog
 from accounts.selectors import current_period_start
 from accounts.services import Caller
@@ -41,22 +47,32 @@ _LIVE_QUOTA_SQL = f"""(
 )"""
 
 # The charge: conditional on the live quota, so no interleaving of requests can overspend.
+# `requests` is 1, or the number of requests whose tokens a group charges at once.
 _CHARGE_SQL = f"""
 UPDATE {_QUOTA}
-   SET tokens = tokens + %(tokens)s, requests = requests + 1
+   SET tokens = tokens + %(tokens)s, requests = requests + %(requests)s
  WHERE tenant_id = %(tenant_id)s AND period_start = %(period_start)s
    AND tokens + %(tokens)s <= {_LIVE_QUOTA_SQL}
 RETURNING tokens
 """
 
-_USAGE_COLUMNS = (
-    "tenant_id, user_id, api_key_id, endpoint, model, inputs, tokens, status_code, error_type, "
-    "latency_ms, request_id, created_at"
-)
-_USAGE_VALUES = (
-    "%(tenant_id)s, %(user_id)s, %(api_key_id)s, %(endpoint)s, %(model)s, %(inputs)s, "
-    "%(tokens)s, %(status_code)s, %(error_type)s, %(latency_ms)s, %(request_id)s, %(created_at)s"
-)
+# The usage row's columns, with their types for a group's rows sent as one array per column.
+_USAGE_COLUMN_TYPES = {
+    "tenant_id": "bigint",
+    "user_id": "integer",
+    "api_key_id": "bigint",
+    "endpoint": "text",
+    "model": "text",
+    "inputs": "integer",
+    "tokens": "bigint",
+    "status_code": "smallint",
+    "error_type": "text",
+    "latency_ms": "double precision",
+    "request_id": "text",
+    "created_at": "timestamptz",
+}
+_USAGE_COLUMNS = ", ".join(_USAGE_COLUMN_TYPES)
+_USAGE_VALUES = ", ".join(f"%({column})s" for column in _USAGE_COLUMN_TYPES)
 
 # PostgreSQL: the charge and the usage row in one statement (one round trip); the row is written
 # only if the charge happened. A statement is atomic on its own.
@@ -68,6 +84,22 @@ SELECT charged.tokens FROM charged, logged
 """
 
 _LOG_SQL = f"INSERT INTO {_USAGE} ({_USAGE_COLUMNS}) VALUES ({_USAGE_VALUES})"
+
+# A group's usage rows as one array per column (`group_commit.tenant_charges` makes them).
+_USAGE_ARRAYS = ", ".join(
+    f"%({ROWS_PREFIX}{column})s::{kind}[]" for column, kind in _USAGE_COLUMN_TYPES.items()
+)
+
+# PostgreSQL, group commit: one tenant's charges of a group as one charge of their sum, and
+# their usage rows, in one statement; the rows are written only if the charge happened.
+_CHARGE_AND_LOG_ROWS_SQL = f"""
+WITH charged AS ({_CHARGE_SQL}), logged AS (
+    INSERT INTO {_USAGE} ({_USAGE_COLUMNS})
+    SELECT usage_row.* FROM charged, unnest({_USAGE_ARRAYS}) AS usage_row
+    RETURNING id
+)
+SELECT charged.tokens FROM charged
+"""
 
 # Spent and quota, both live, in one query (the pre-check, and the message of a refusal).
 _STANDING_SQL = f"""
@@ -162,6 +194,7 @@ def quota_exceeded(*, quota: int, spent: int, tokens: int) -> QuotaExceeded:
 def _charge_params(record: UsageRecord, period_start: date) -> dict[str, Any]:
     return {
         **record.params(),
+        "requests": 1,
         "period_start": connection.ops.adapt_datefield_value(period_start),
         "default_quota": settings.MONTHLY_TOKEN_QUOTA,
     }
@@ -257,7 +290,12 @@ def _settle(
 
 
 _groups = ChargeGroups(
-    ChargeSQL(charge_and_log=_CHARGE_AND_LOG_SQL, charge=_CHARGE_SQL, log=_LOG_SQL)
+    ChargeSQL(
+        charge_and_log_rows=_CHARGE_AND_LOG_ROWS_SQL,
+        charge=_CHARGE_SQL,
+        log=_LOG_SQL,
+        row_columns=tuple(_USAGE_COLUMN_TYPES),
+    )
 )
 
 
