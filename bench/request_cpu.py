@@ -111,7 +111,6 @@ STEPS: list[tuple[str, str, str, str, str]] = [
         "charge_and_log",
         "served: charge, metrics",
     ),
-    ("vector shaping (numpy)", "embeddings.services", "", "shape_vectors", "handler"),
     ("input decoding", "embeddings.views", "EmbedView|OpenAIEmbeddingsView", "texts", "handler"),
     ("response body", "embeddings.views", "EmbedView|OpenAIEmbeddingsView", "render", "handler"),
     ("finish (headers, metrics)", "accounts.metering.meter", "Meter", "finish", "view"),

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from embeddings.vectors import VectorShape
 from embedplatform import metrics
 from embedplatform.errors import ModelOverloaded, RateLimitExceeded
 
@@ -68,6 +69,7 @@ class _Job:
     future: Future[np.ndarray]
     enqueued_at: float
     sequence: int
+    shape: VectorShape | None
     # Indices still to encode, longest first so that chunks of a large request pad little.
     pending: deque[int] = field(default_factory=deque)
     rows: list[np.ndarray | None] = field(default_factory=list)
@@ -153,9 +155,11 @@ class Batcher:
         token_counts: list[int],
         key: str = "",
         max_texts_in_flight: int | None = None,
+        shape: VectorShape | None = None,
     ) -> Future[np.ndarray]:
-        """Queues `inputs` (one row each) for the model; raises `ModelOverloaded` or
-        `TooManyTextsInFlight` at once when they do not fit."""
+        """Queues `inputs` (one row each, shaped as `shape` asks; None: as the model made it)
+        for the model; raises `ModelOverloaded` or `TooManyTextsInFlight` at once when they do
+        not fit."""
         future: Future[np.ndarray] = Future()
         if not inputs:
             future.set_result(np.zeros((0, 0), dtype=np.float32))
@@ -177,6 +181,7 @@ class Batcher:
                 future=future,
                 enqueued_at=time.perf_counter(),
                 sequence=next(self._sequence),
+                shape=shape,
                 pending=deque(order),
                 rows=[None] * len(inputs),
                 remaining=len(inputs),
@@ -368,9 +373,10 @@ class Batcher:
                 metrics.QUEUE_WAIT.observe(started - job.enqueued_at)
         metrics.BATCH_SIZE.observe(len(batch))
         error: BaseException | None = None
-        vectors: np.ndarray | None = None
+        vectors: np.ndarray | list[np.ndarray] | None = None
         try:
-            vectors = self._encode([job.inputs[i] for job, i in batch], batch[0][0].prompt)
+            encoded = self._encode([job.inputs[i] for job, i in batch], batch[0][0].prompt)
+            vectors = _shaped(batch, encoded)
         except BaseException as exc:  # a failed pass fails the requests in it, not the thread
             error = exc
         elapsed = time.perf_counter() - started
@@ -397,6 +403,23 @@ class Batcher:
             if job.remaining == 0:
                 # [arg-type]: rows are Optional until filled; remaining == 0 says all are.
                 _settle(job.future, result=np.stack(job.rows))  # type: ignore[arg-type]
+
+
+def _shaped(batch: list[tuple[_Job, int]], vectors: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """Each row of a pass as its job asked (`VectorShape`): one array operation per shape
+    asked for in the pass, usually one."""
+    places: dict[VectorShape | None, list[int]] = {}
+    for place, (job, _) in enumerate(batch):
+        places.setdefault(job.shape, []).append(place)
+    if len(places) == 1:
+        (shape,) = places
+        return vectors if shape is None else shape.apply(vectors)
+    rows: list[np.ndarray] = [vectors[0]] * len(batch)
+    for shape, where in places.items():
+        part = vectors[where] if shape is None else shape.apply(vectors[where])
+        for place, row in zip(where, part, strict=True):
+            rows[place] = row
+    return rows
 
 
 def _settle(

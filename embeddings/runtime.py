@@ -25,6 +25,7 @@ from embeddings.encoder import (
     load_encoder,
     torch_threads,
 )
+from embeddings.vectors import VectorShape
 from embedplatform import metrics
 from embedplatform.shutdown import wait_for_result
 
@@ -78,25 +79,39 @@ class Runtime:
         return tokenized
 
     def submit(
-        self, tokenized: Tokenized, *, key: str = "", max_texts_in_flight: int | None = None
+        self,
+        tokenized: Tokenized,
+        *,
+        key: str = "",
+        max_texts_in_flight: int | None = None,
+        shape: VectorShape | None = None,
     ) -> Future[np.ndarray]:
-        """Queues `tokenized` for the model: one row per text, in the future. `key` (the
-        tenant) shares forward passes fairly between tenants; `max_texts_in_flight` caps that
-        key's texts waiting in this worker. Raises `ModelOverloaded` (503) or
-        `TooManyTextsInFlight` (429) at once when the worker's queue cannot take the texts."""
+        """Queues `tokenized` for the model: one row per text, in the future, shaped as `shape`
+        asks (None: as the model made it). `key` (the tenant) shares forward passes fairly
+        between tenants; `max_texts_in_flight` caps that key's texts waiting in this worker.
+        Raises `ModelOverloaded` (503) or `TooManyTextsInFlight` (429) at once when the
+        worker's queue cannot take the texts."""
         return self.batcher.submit(
             tokenized.inputs,
             prompt=tokenized.prompt,
             token_counts=tokenized.token_counts,
             key=key,
             max_texts_in_flight=max_texts_in_flight,
+            shape=shape,
         )
 
     def embed(
-        self, tokenized: Tokenized, *, key: str = "", max_texts_in_flight: int | None = None
+        self,
+        tokenized: Tokenized,
+        *,
+        key: str = "",
+        max_texts_in_flight: int | None = None,
+        shape: VectorShape | None = None,
     ) -> np.ndarray:
         """`submit`, and the answer; `FutureTimeout` after ENCODE_TIMEOUT_SECONDS."""
-        future = self.submit(tokenized, key=key, max_texts_in_flight=max_texts_in_flight)
+        future = self.submit(
+            tokenized, key=key, max_texts_in_flight=max_texts_in_flight, shape=shape
+        )
         return wait_for_result(future, settings.ENCODE_TIMEOUT_SECONDS)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from django.conf import settings
 from accounts.metering.meter import Meter
 from embeddings.encoder import InputTooLong, Tokenized, TokenPiece, TruncationDirection
 from embeddings.runtime import Runtime, get_runtime
+from embeddings.vectors import VectorShape
 from embedplatform.error_codes import CATALOGUE
 from embedplatform.errors import InvalidField, ServiceUnavailable
 
@@ -70,15 +71,6 @@ def resolve_dimensions(runtime: Runtime, dimensions: int | None) -> int:
             param="dimensions",
         )
     return dimensions
-
-
-def shape_vectors(vectors: np.ndarray, *, dimensions: int, normalize: bool) -> np.ndarray:
-    """Matryoshka truncation, then unit length (a truncated unit vector is no longer one)."""
-    vectors = np.ascontiguousarray(vectors[:, :dimensions], dtype=np.float32)
-    if normalize:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, 1e-12)
-    return vectors
 
 
 def input_param(param: str, index: int, count: int) -> str:
@@ -149,19 +141,20 @@ def embed(
     in_flight = meter.limits.max_texts_in_flight
     key = str(meter.tenant.pk)
     size_of_chunk = chunk_size(in_flight)
+    shape = VectorShape(dimensions=size, normalize=normalize)
     try:
         if len(tokenized.inputs) <= size_of_chunk:  # the common case: one pass of the queue
-            future = runtime.submit(tokenized, key=key, max_texts_in_flight=in_flight)
-            vectors = meter.served_when_done(future, timeout=settings.ENCODE_TIMEOUT_SECONDS)
-            shaped = shape_vectors(vectors, dimensions=size, normalize=normalize)
+            future = runtime.submit(tokenized, key=key, max_texts_in_flight=in_flight, shape=shape)
+            shaped = meter.served_when_done(future, timeout=settings.ENCODE_TIMEOUT_SECONDS)
         else:
             shaped = np.empty((len(texts), size), dtype=np.float32)
             with meter.timed("model"):
                 start = 0
                 for chunk in chunks(tokenized, size_of_chunk):
-                    vectors = runtime.embed(chunk, key=key, max_texts_in_flight=in_flight)
                     end = start + len(chunk.inputs)
-                    shaped[start:end] = shape_vectors(vectors, dimensions=size, normalize=normalize)
+                    shaped[start:end] = runtime.embed(
+                        chunk, key=key, max_texts_in_flight=in_flight, shape=shape
+                    )
                     start = end
             meter.served()
     except FutureTimeout as exc:

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from embeddings import runtime
 from embeddings.batching import Batcher, TooManyTextsInFlight, _settle
+from embeddings.vectors import VectorShape
 from embedplatform.errors import ModelOverloaded, describe
 
 
@@ -463,3 +464,28 @@ def test_it_answers_503_model_overloaded_with_retry_after_and_charges_nothing(
     busy.result(timeout=10)
     row = UsageLog.objects.get(tenant=alice.tenant)
     assert (row.status_code, row.tokens) == (503, 0)
+
+
+def test_it_shapes_each_requests_rows_as_it_asked_in_a_shared_pass() -> None:
+    model = GatedModel()
+    batcher = make(model, wait_seconds=0)
+    texts = ["first", "second", "third"]
+    blocker = batcher.submit(["blocker"], prompt="", token_counts=[1])
+    assert model.started.wait(5)
+    unit = VectorShape(dimensions=2, normalize=True)
+    cut = VectorShape(dimensions=1, normalize=False)
+    futures = [
+        batcher.submit([text], prompt="", token_counts=[1], shape=shape)
+        for text, shape in zip(texts, [unit, cut, None], strict=True)
+    ]
+    model.gate.set()  # the three wait for the blocker's pass, then share one
+
+    as_unit, as_cut, as_made = (future.result(timeout=10) for future in futures)
+    blocker.result(timeout=10)
+
+    assert [passed for passed, _ in model.passes] == [["blocker"], texts]
+    raw = expected(texts)
+    np.testing.assert_allclose(as_unit, raw[:1] / np.linalg.norm(raw[0]), rtol=1e-6)
+    np.testing.assert_array_equal(as_cut, raw[1:2, :1])
+    np.testing.assert_array_equal(as_made, raw[2:3])
+    batcher.close()
