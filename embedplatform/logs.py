@@ -8,11 +8,12 @@ the response carries in `x-request-id`, so a client's quoted id finds every line
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 from contextvars import ContextVar
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -136,6 +137,42 @@ class GunicornJsonLogger(glogging.Logger):
         if not self.access_log_enabled:
             return
         try:
-            self.access_log.info("access", extra=access_fields(resp, environ, request_time))
+            fields = access_fields(resp, environ, request_time)
+            if not self._write_access_line(fields):
+                self.access_log.info("access", extra=fields)
         except Exception:
             self.exception("access_log_failed")
+
+    def _write_access_line(self, fields: dict[str, Any]) -> bool:
+        """Writes the access line straight to the access log's streams, in the shape its
+        JsonFormatter gives a record (time, level, logger, event, then the fields), as each
+        handler's own emit would: under its lock, then flushed. False, having written nothing,
+        where that would not be the same line: another kind of handler (syslog), a filter of
+        another kind, or the level off. Going through `logging` costs 19 us a line, 4 here, and
+        in the service about a twentieth of a request's CPU (it walks the stack to find its
+        caller and builds a LogRecord, for fields that are all known here)."""
+        log = self.access_log
+        handlers = log.handlers
+        if not log.isEnabledFor(logging.INFO) or not all(
+            type(handler) in (logging.StreamHandler, logging.FileHandler)
+            and isinstance(handler.formatter, JsonFormatter)
+            and all(isinstance(f, RequestIdFilter) for f in handler.filters)
+            and handler.level <= logging.INFO
+            for handler in handlers
+        ):
+            return False
+        data = {
+            "time": datetime.now(UTC),
+            "level": "info",
+            "logger": log.name,
+            "event": "access",
+            **fields,
+        }
+        for handler in handlers:
+            assert isinstance(handler, logging.StreamHandler)  # checked above
+            assert isinstance(handler.formatter, JsonFormatter)
+            line = handler.formatter.jsonify_log_record(data) + handler.terminator
+            with handler.lock or contextlib.nullcontext():
+                handler.stream.write(line)
+                handler.flush()
+        return True

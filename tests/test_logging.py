@@ -26,6 +26,7 @@ from embedplatform.logs import (
     JsonFormatter,
     RequestIdFilter,
     RequestLogContextMiddleware,
+    access_fields,
     current_request_id,
 )
 from tests.conftest import Person
@@ -245,3 +246,19 @@ def test_it_puts_the_request_id_on_every_line_a_request_causes_and_never_the_cre
     assert token not in text
     assert "Bearer" not in text
     assert "query-secret" not in text
+
+
+def test_it_writes_the_access_line_exactly_as_logging_would(tmp_path: Path) -> None:
+    access_path = tmp_path / "access.log"
+    config = Config()
+    config.set("accesslog", str(access_path))
+    log = GunicornJsonLogger(config)
+    environ = {"REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/embeddings"}
+    response = SimpleNamespace(status="200 OK", headers=[("X-Request-ID", "rid-1")], sent=99)
+
+    log.access(response, SimpleNamespace(headers=[]), environ, timedelta(milliseconds=3))
+    log.access_log.info("access", extra=access_fields(response, environ, timedelta(milliseconds=3)))
+
+    written, through_logging = lines(access_path.read_text())
+    assert written.pop("time") <= through_logging.pop("time")
+    assert list(written.items()) == list(through_logging.items())
