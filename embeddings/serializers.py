@@ -104,6 +104,10 @@ class TextListField(serializers.ListField):
         super().__init__(**kwargs)
 
 
+# Fields' `get_value`s that read a plain dict as `data.get(name, empty)` does.
+_DICT_GET_VALUES = (serializers.Field.get_value, serializers.ListField.get_value)
+
+
 class PrototypeFieldsSerializer(serializers.Serializer):
     """A serializer that builds its fields once per class, then gives each instance shallow
     copies of them, and only of the fields a body holds.
@@ -141,6 +145,7 @@ class PrototypeFieldsSerializer(serializers.Serializer):
                     not field.read_only
                     and field.source is None
                     and (field.default is empty or not callable(field.default))
+                    and type(field).get_value in _DICT_GET_VALUES
                     and not hasattr(self, f"validate_{name}")
                     for name, field in self._prototype_fields().items()
                 ),
@@ -148,7 +153,7 @@ class PrototypeFieldsSerializer(serializers.Serializer):
         return plain
 
     def to_internal_value(self, data: Any) -> dict[str, Any]:
-        if type(data) is not dict or self.partial or not self._has_plain_fields():
+        if type(data) is not dict or self.root.partial or not self._has_plain_fields():
             return dict(super().to_internal_value(data))
         values: dict[str, Any] = {}
         errors: dict[str, Any] = {}

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -256,9 +256,44 @@ def test_it_writes_the_access_line_exactly_as_logging_would(tmp_path: Path) -> N
     environ = {"REMOTE_ADDR": "10.0.0.7", "REQUEST_METHOD": "POST", "PATH_INFO": "/v1/embeddings"}
     response = SimpleNamespace(status="200 OK", headers=[("X-Request-ID", "rid-1")], sent=99)
 
-    log.access(response, SimpleNamespace(headers=[]), environ, timedelta(milliseconds=3))
-    log.access_log.info("access", extra=access_fields(response, environ, timedelta(milliseconds=3)))
+    fields = access_fields(response, environ, timedelta(milliseconds=3))
+    # Only gunicorn's own handler, as in a worker (pytest's capture may have added its own).
+    others = [h for h in log.access_log.handlers if type(h) is not logging.FileHandler]
+    for handler in others:
+        log.access_log.removeHandler(handler)
+    try:
+        assert log._write_access_line(fields)  # not through logging
+        log.access_log.info("access", extra=fields)
+    finally:
+        for handler in others:
+            log.access_log.addHandler(handler)
 
     written, through_logging = lines(access_path.read_text())
-    assert written.pop("time") <= through_logging.pop("time")
+    written_at = datetime.fromisoformat(written.pop("time"))
+    logged_at = datetime.fromisoformat(through_logging.pop("time"))
+    assert written_at.tzinfo == logged_at.tzinfo == UTC
+    assert 0 <= (logged_at - written_at).total_seconds() < 5
     assert list(written.items()) == list(through_logging.items())
+
+
+def test_it_leaves_the_access_line_to_logging_where_the_logger_filters_it(
+    tmp_path: Path,
+) -> None:
+    access_path = tmp_path / "access.log"
+    config = Config()
+    config.set("accesslog", str(access_path))
+    log = GunicornJsonLogger(config)
+    response = SimpleNamespace(status="200 OK", headers=[], sent=2)
+
+    def not_health(record: logging.LogRecord) -> bool:
+        return getattr(record, "path", "") != "/health"
+
+    log.access_log.addFilter(not_health)  # gunicorn's access logger is the process's
+    try:
+        for path in ("/health", "/embed"):
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path}
+            log.access(response, SimpleNamespace(headers=[]), environ, timedelta(milliseconds=1))
+    finally:
+        log.access_log.removeFilter(not_health)
+
+    assert [line["path"] for line in lines(access_path.read_text())] == ["/embed"]

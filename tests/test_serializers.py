@@ -81,9 +81,10 @@ BODIES: list[dict[str, object]] = [
 ]
 
 
-def outcome(serializer: io.PrototypeFieldsSerializer) -> tuple[bool, dict[str, object]]:
+def outcome(serializer: io.PrototypeFieldsSerializer) -> tuple[bool, list[tuple[str, object]]]:
+    """Whether it is valid, and its values or errors in their order."""
     valid = serializer.is_valid()
-    return valid, dict(serializer.validated_data) if valid else dict(serializer.errors)
+    return valid, list((serializer.validated_data if valid else serializer.errors).items())
 
 
 @pytest.mark.parametrize(

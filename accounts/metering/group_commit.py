@@ -113,10 +113,12 @@ class ChargeSQL:
 @dataclass(frozen=True)
 class TenantCharge:
     """The charges of one tenant and month in a group, as one: `members` are their places in
-    the group, `params` the charge's (the sum of their tokens and their number of requests)."""
+    the group, `params` the charge's (the sum of their tokens and their number of requests),
+    and `rows` their usage rows' values, one list per column (`ROWS_PREFIX` and the column)."""
 
     members: list[int]
     params: dict[str, Any]
+    rows: dict[str, list[Any]]
 
 
 def tenant_charges(group: list[dict[str, Any]], row_columns: tuple[str, ...]) -> list[TenantCharge]:
@@ -127,14 +129,19 @@ def tenant_charges(group: list[dict[str, Any]], row_columns: tuple[str, ...]) ->
     charges = []
     for places in members.values():
         rows = [group[place] for place in places]
-        params = {
-            **rows[0],
-            "tokens": sum(int(row["tokens"]) for row in rows),
-            "requests": sum(int(row["requests"]) for row in rows),
-        }
-        for column in row_columns:
-            params[ROWS_PREFIX + column] = [row[column] for row in rows]
-        charges.append(TenantCharge(members=places, params=params))
+        charges.append(
+            TenantCharge(
+                members=places,
+                params={
+                    **rows[0],
+                    "tokens": sum(int(row["tokens"]) for row in rows),
+                    "requests": sum(int(row["requests"]) for row in rows),
+                },
+                rows={
+                    ROWS_PREFIX + column: [row[column] for row in rows] for column in row_columns
+                },
+            )
+        )
     return charges
 
 
@@ -319,7 +326,8 @@ class ChargeGroups:
             connection.close()
 
     def _commit(self, group: list[dict[str, Any]]) -> list[int | None]:
-        """One transaction: each charge's tokens after it, None where it charged nothing."""
+        """One transaction: for each charge, its tenant's tokens after the group's charge of
+        that tenant's requests, None where that charged nothing."""
         metrics.CHARGE_GROUP_SIZE.observe(len(group))
         if connection.connection is not None:
             # As before a request: a kept connection the server ended is replaced, not failed on.
@@ -341,7 +349,9 @@ class ChargeGroups:
         round_trip = bounded_round_trip(raw.fileno(), settings.DATABASE_ROUND_TRIP_SECONDS)
         with round_trip, raw.transaction(), raw.cursor() as cursor:
             cursor.executemany(
-                self._sql.charge_and_log_rows, [charge.params for charge in charges], returning=True
+                self._sql.charge_and_log_rows,
+                [{**charge.params, **charge.rows} for charge in charges],
+                returning=True,
             )
             while True:
                 row = cursor.fetchone()

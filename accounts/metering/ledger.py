@@ -135,7 +135,7 @@ class UsageRecord:
             "tokens": self.tokens,
             "status_code": self.status_code,
             "error_type": self.error_type,
-            "latency_ms": self.latency_ms,
+            "latency_ms": float(self.latency_ms),  # a group sends one float array of them
             "request_id": self.request_id,
             "created_at": connection.ops.adapt_datetimefield_value(timezone.now()),
         }
@@ -270,8 +270,9 @@ def _settle(
     *, tenant_id: int, period_start: date, params: dict[str, Any], spent_after: int | None
 ) -> None:
     """Where no statement has charged yet (`spent_after` None: SQLite outside a group, the
-    month's first charge, whose quota row does not exist yet, or a spent quota), the charge and
-    its row in a transaction of their own; QuotaExceeded when the quota has no room."""
+    month's first charge, whose quota row does not exist yet, a spent quota, or a group whose
+    charges of this tenant did not fit together), the charge and its row in a transaction of
+    their own; QuotaExceeded when the quota has no room."""
     if spent_after is None:
         with writes_in_turn(connection), transaction.atomic():
             spent_after = _charge(params)
