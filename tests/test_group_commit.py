@@ -274,12 +274,16 @@ def test_it_makes_one_charge_of_each_tenants_charges_in_a_group() -> None:
     assert first.members == [0, 2, 3]
     assert first.params["tenant_id"] == 1
     assert (first.params["tokens"], first.params["requests"]) == (14, 3)
-    assert first.rows == {"rows_tokens": [7, 5, 2], "rows_request_id": ["a", "c", "d"]}
+    assert first.rows == [
+        {"tokens": 7, "request_id": "a"},
+        {"tokens": 5, "request_id": "c"},
+        {"tokens": 2, "request_id": "d"},
+    ]
     # What SQLite's charge statement is given (its debug cursor cannot quote a list).
     assert not any(isinstance(value, list) for value in first.params.values())
     assert second.members == [1]
     assert (second.params["tokens"], second.params["requests"]) == (3, 1)
-    assert second.rows == {"rows_tokens": [3], "rows_request_id": ["b"]}
+    assert second.rows == [{"tokens": 3, "request_id": "b"}]
 
 
 @pytest.mark.usefixtures("served_once")

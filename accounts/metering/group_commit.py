@@ -38,6 +38,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from django.conf import settings
 from django.db import connection, transaction
@@ -60,9 +61,10 @@ logger = logging.getLogger(__name__)
 
 # Beyond this many charges a transaction holds the tenant's quota row longer than it saves.
 MAX_GROUP = 64
-# The parameters of a tenant's charge (`tenant_charges`) hold its usage rows' values as one
-# list per column, each named this prefix and the column.
-ROWS_PREFIX = "rows_"
+# The parameter of PostgreSQL's statement for a tenant's charge that holds its usage rows, as a
+# JSON array of objects: one string for psycopg to send, where an array per column costs it
+# about half as much again (client CPU per group of 9: 320 us against 470).
+ROWS_PARAM = "rows"
 
 
 def _writer_bound() -> float:
@@ -114,11 +116,11 @@ class ChargeSQL:
 class TenantCharge:
     """The charges of one tenant and month in a group, as one: `members` are their places in
     the group, `params` the charge's (the sum of their tokens and their number of requests),
-    and `rows` their usage rows' values, one list per column (`ROWS_PREFIX` and the column)."""
+    and `rows` their usage rows' values (the row columns only)."""
 
     members: list[int]
     params: dict[str, Any]
-    rows: dict[str, list[Any]]
+    rows: list[dict[str, Any]]
 
 
 def tenant_charges(group: list[dict[str, Any]], row_columns: tuple[str, ...]) -> list[TenantCharge]:
@@ -137,9 +139,7 @@ def tenant_charges(group: list[dict[str, Any]], row_columns: tuple[str, ...]) ->
                     "tokens": sum(int(row["tokens"]) for row in rows),
                     "requests": sum(int(row["requests"]) for row in rows),
                 },
-                rows={
-                    ROWS_PREFIX + column: [row[column] for row in rows] for column in row_columns
-                },
+                rows=[{column: row[column] for column in row_columns} for row in rows],
             )
         )
     return charges
@@ -350,7 +350,10 @@ class ChargeGroups:
         with round_trip, raw.transaction(), raw.cursor() as cursor:
             cursor.executemany(
                 self._sql.charge_and_log_rows,
-                [{**charge.params, **charge.rows} for charge in charges],
+                [
+                    {**charge.params, ROWS_PARAM: orjson.dumps(charge.rows).decode()}
+                    for charge in charges
+                ],
                 returning=True,
             )
             while True:

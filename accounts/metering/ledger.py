@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.metering.group_commit import (
-    ROWS_PREFIX,
+    ROWS_PARAM,
     ChargeGroups,
     ChargeSQL,
     PendingCharge,
@@ -56,7 +56,7 @@ UPDATE {_QUOTA}
 RETURNING tokens
 """
 
-# The usage row's columns, with their types for a group's rows sent as one array per column.
+# The usage row's columns, with their types for a group's rows sent as JSON.
 _USAGE_COLUMN_TYPES = {
     "tenant_id": "bigint",
     "user_id": "integer",
@@ -85,17 +85,16 @@ SELECT charged.tokens FROM charged, logged
 
 _LOG_SQL = f"INSERT INTO {_USAGE} ({_USAGE_COLUMNS}) VALUES ({_USAGE_VALUES})"
 
-# A group's usage rows as one array per column (`group_commit.tenant_charges` makes them).
-_USAGE_ARRAYS = ", ".join(
-    f"%({ROWS_PREFIX}{column})s::{kind}[]" for column, kind in _USAGE_COLUMN_TYPES.items()
-)
+# A group's usage rows, from the JSON array `group_commit` sends them in.
+_USAGE_RECORDS = ", ".join(f"{column} {kind}" for column, kind in _USAGE_COLUMN_TYPES.items())
 
 # PostgreSQL, group commit: one tenant's charges of a group as one charge of their sum, and
 # their usage rows, in one statement; the rows are written only if the charge happened.
 _CHARGE_AND_LOG_ROWS_SQL = f"""
 WITH charged AS ({_CHARGE_SQL}), logged AS (
     INSERT INTO {_USAGE} ({_USAGE_COLUMNS})
-    SELECT usage_row.* FROM charged, unnest({_USAGE_ARRAYS}) AS usage_row
+    SELECT usage_row.* FROM charged,
+           jsonb_to_recordset(%({ROWS_PARAM})s::jsonb) AS usage_row({_USAGE_RECORDS})
     RETURNING id
 )
 SELECT charged.tokens FROM charged
