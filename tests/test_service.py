@@ -381,8 +381,10 @@ def test_it_serves_16_concurrent_clients_on_the_embedded_sqlite_default(
         rows, logged = connection.execute(
             "SELECT COUNT(*), SUM(tokens) FROM accounts_usagelog WHERE status_code = 200"
         ).fetchone()
-        (charged,) = connection.execute("SELECT SUM(tokens) FROM accounts_quotaperiod").fetchone()
+        charged, requests_charged = connection.execute(
+            "SELECT SUM(tokens), SUM(requests) FROM accounts_quotaperiod"
+        ).fetchone()
         (tenants,) = connection.execute("SELECT COUNT(*) FROM accounts_tenant").fetchone()
-    assert rows == 96
+    assert rows == requests_charged == 96
     assert logged == charged > 0
     assert tenants == 4
