@@ -103,8 +103,8 @@ def writes_in_turn(db: BaseDatabaseWrapper) -> Iterator[None]:
 @dataclass(frozen=True)
 class ChargeSQL:
     """The statements of a tenant's charge: `charge_and_log_rows` charges and writes the usage
-    rows (`row_columns`, as lists: `tenant_charges`) in one statement (PostgreSQL); elsewhere
-    `charge` runs, then `log` for each row if it charged."""
+    rows (their `row_columns`, as a JSON array in `ROWS_PARAM`) in one statement (PostgreSQL);
+    elsewhere `charge` runs, then `log` for each row if it charged."""
 
     charge_and_log_rows: str
     charge: str
