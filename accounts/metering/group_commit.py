@@ -104,7 +104,8 @@ def writes_in_turn(db: BaseDatabaseWrapper) -> Iterator[None]:
 class ChargeSQL:
     """The statements of a tenant's charge: `charge_and_log_rows` charges and writes the usage
     rows (their `row_columns`, as a JSON array in `ROWS_PARAM`) in one statement (PostgreSQL);
-    elsewhere `charge` runs, then `log` for each row if it charged."""
+    elsewhere `charge` runs, then `log` for each row (`row_columns` are its parameters) if it
+    charged."""
 
     charge_and_log_rows: str
     charge: str
@@ -376,7 +377,7 @@ class ChargeGroups:
                 cursor.execute(self._sql.charge, charge.params)
                 row = cursor.fetchone()
                 if row is not None:
-                    cursor.executemany(self._sql.log, [group[place] for place in charge.members])
+                    cursor.executemany(self._sql.log, charge.rows)
                 answers.append(None if row is None else int(row[0]))
         return _each_member(group, charges, answers)
 

@@ -134,7 +134,7 @@ class UsageRecord:
             "tokens": self.tokens,
             "status_code": self.status_code,
             "error_type": self.error_type,
-            "latency_ms": float(self.latency_ms),  # a group sends one float array of them
+            "latency_ms": float(self.latency_ms),  # a group's JSON rows: always a float
             "request_id": self.request_id,
             "created_at": connection.ops.adapt_datetimefield_value(timezone.now()),
         }
